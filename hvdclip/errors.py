@@ -1,0 +1,34 @@
+"""hvdclip's exception types.
+
+Argument mistakes raise the built-in `ValueError` / `TypeError` with a message that names the
+argument and what was received. Problems with the environment (Horovod not initialised, a missing
+launcher, ranks that disagree) raise a subclass of `HvdClipError` whose message says how to fix it.
+"""
+
+__all__ = [
+    "HvdClipError",
+    "NotInitializedError",
+    "LauncherError",
+    "RankMismatchError",
+    "NonFiniteGradientError",
+]
+
+
+class HvdClipError(RuntimeError):
+    """Base class for environment and runtime problems detected by hvdclip."""
+
+
+class NotInitializedError(HvdClipError):
+    """Horovod has not been initialised in this process."""
+
+
+class LauncherError(HvdClipError):
+    """A launch command cannot be built or run (missing binary, bad host list, ...)."""
+
+
+class RankMismatchError(HvdClipError):
+    """Ranks disagree on something that must be identical (model structure, weights)."""
+
+
+class NonFiniteGradientError(HvdClipError):
+    """Too many consecutive steps had a non-finite reduced gradient."""
