@@ -1,11 +1,42 @@
-"""hvdclip: Horovod data-parallel training for TensorFlow 2 / Keras 3, clipping the reduced gradient."""
+"""hvdclip: Horovod data-parallel training for TensorFlow 2 / Keras 3, clipping the reduced gradient.
 
-from hvdclip.errors import HvdClipError, LauncherError, NonFiniteGradientError, NotInitializedError, RankMismatchError
+`import hvdclip` is cheap and initialises nothing: the names below load their module (and with it
+TensorFlow and Horovod) on first use, so `hvdclip.launch` and `hvdclip.errors` work on a head node
+without TensorFlow.
+"""
 
-__all__ = [
-    "HvdClipError",
-    "LauncherError",
-    "NonFiniteGradientError",
-    "NotInitializedError",
-    "RankMismatchError",
-]
+import importlib
+
+# Public name -> module defining it. The only logic here is PEP 562's lazy attribute lookup.
+_EXPORTS = {
+    "HvdClipTrainer": "hvdclip.trainer",
+    "History": "hvdclip.trainer",
+    "init": "hvdclip.runtime",
+    "is_initialized": "hvdclip.runtime",
+    "rank": "hvdclip.runtime",
+    "size": "hvdclip.runtime",
+    "local_rank": "hvdclip.runtime",
+    "GradientTransform": "hvdclip.transforms",
+    "chain": "hvdclip.transforms",
+    "identity": "hvdclip.transforms",
+    "clip_by_value": "hvdclip.transforms",
+    "clip_by_norm": "hvdclip.transforms",
+    "clip_by_global_norm": "hvdclip.transforms",
+    "HvdClipError": "hvdclip.errors",
+    "LauncherError": "hvdclip.errors",
+    "NonFiniteGradientError": "hvdclip.errors",
+    "NotInitializedError": "hvdclip.errors",
+    "RankMismatchError": "hvdclip.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'hvdclip' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

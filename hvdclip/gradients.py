@@ -1,0 +1,57 @@
+"""Helpers over a list of gradients as the trainer holds it: dense tensors, `tf.IndexedSlices`
+(embedding lookups) and `None` (variables the loss does not reach).
+
+An `IndexedSlices` gradient may repeat an index (Horovod allgathers sparse gradients, so a row
+touched on two ranks appears twice). Its dense meaning is the *sum* of the repeated rows, so
+anything non-linear in the values (a norm, an element-wise clip) first merges repeats with
+`dedupe`. Norms are accumulated in float32 whatever the gradient dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Union
+
+import tensorflow as tf
+
+__all__ = ["Gradient", "dedupe", "map_values", "squared_norm", "global_norm", "sum_of_squares"]
+
+Gradient = Union[tf.Tensor, tf.IndexedSlices, None]
+
+
+def dedupe(grad: tf.IndexedSlices) -> tf.IndexedSlices:
+    """Returns `grad` with repeated indices merged by summing their rows."""
+    unique, positions = tf.unique(grad.indices)
+    values = tf.math.unsorted_segment_sum(grad.values, positions, tf.size(unique))
+    return tf.IndexedSlices(values, unique, grad.dense_shape)
+
+
+def map_values(fn: Callable[[tf.Tensor], tf.Tensor], grad: Gradient) -> Gradient:
+    """Applies `fn` to a dense gradient or to the rows of a sparse one; `None` stays `None`.
+
+    Only for `fn` that is linear in the values (scaling): element-wise non-linear functions
+    must be given `dedupe(grad)`.
+    """
+    if grad is None:
+        return None
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(fn(grad.values), grad.indices, grad.dense_shape)
+    return fn(grad)
+
+
+def squared_norm(grad: Gradient) -> tf.Tensor:
+    """Squared L2 norm of one gradient as a float32 scalar (0 for `None`)."""
+    if grad is None:
+        return tf.constant(0.0, tf.float32)
+    values = dedupe(grad).values if isinstance(grad, tf.IndexedSlices) else grad
+    return tf.reduce_sum(tf.square(tf.cast(values, tf.float32)))
+
+
+def sum_of_squares(grads: Sequence[Gradient]) -> tf.Tensor:
+    """Sum of the squared L2 norms of all gradients: one float32 scalar."""
+    return tf.add_n([squared_norm(g) for g in grads] or [tf.constant(0.0, tf.float32)])
+
+
+def global_norm(grads: Sequence[Gradient]) -> tf.Tensor:
+    """L2 norm of all gradients taken together, as one vector (float32 scalar)."""
+    return tf.sqrt(sum_of_squares(grads))

@@ -1,0 +1,76 @@
+"""The gradient-transform protocol and its combinator.
+
+A transform is a pair of functions:
+
+* `init(variables) -> state`: a nest of tensors (possibly `()`), built once before step 1. The
+  trainer stores it in non-trainable `tf.Variable`s, so it is broadcast from rank 0 with the
+  model, checkpointed, and identical on every rank.
+* `update(grads, state, variables) -> (grads, state)`: pure; receives the *reduced* gradient list
+  (dense tensors, `tf.IndexedSlices` or `None`, aligned with `variables`) and the current state
+  (read from those variables), and returns new gradients and the new state to store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import tensorflow as tf
+
+from hvdclip.gradients import Gradient
+
+__all__ = ["GradientTransform", "chain", "identity"]
+
+InitFn = Callable[[Sequence[tf.Variable]], Any]
+UpdateFn = Callable[[list[Gradient], Any, Sequence[tf.Variable]], tuple[list[Gradient], Any]]
+
+
+class GradientTransform(NamedTuple):
+    """An `init`/`update` pair; see the module docstring for the contract."""
+
+    init: InitFn
+    update: UpdateFn
+
+
+def identity() -> GradientTransform:
+    """The transform that changes nothing (what `clip=None` means)."""
+
+    def init(variables):
+        del variables
+        return ()
+
+    def update(grads, state, variables):
+        del variables
+        return list(grads), state
+
+    return GradientTransform(init, update)
+
+
+def chain(*transforms: GradientTransform) -> GradientTransform:
+    """Runs transforms in order, each on the previous one's output; keeps a tuple of states.
+
+    Order matters: `chain(clip_by_value(1.0), clip_by_global_norm(5.0))` bounds the final norm by
+    5, while the reverse order bounds every element by 1 but may leave the norm below 5.
+
+    Example:
+        >>> clip = hvdclip.chain(hvdclip.clip_by_value(1.0), hvdclip.clip_by_global_norm(5.0))
+        >>> trainer = hvdclip.HvdClipTrainer(model, optimizer, loss_fn, clip=clip)
+    """
+    for position, transform in enumerate(transforms):
+        if not isinstance(transform, GradientTransform):
+            raise TypeError(
+                "`chain` takes GradientTransform objects such as hvdclip.clip_by_global_norm(1.0). "
+                f"Received: transforms[{position}]={transform!r}"
+            )
+
+    def init(variables):
+        return tuple(t.init(variables) for t in transforms)
+
+    def update(grads, state, variables):
+        new_states = []
+        for transform, inner_state in zip(transforms, state):
+            grads, inner_state = transform.update(grads, inner_state, variables)
+            new_states.append(inner_state)
+        return list(grads), tuple(new_states)
+
+    return GradientTransform(init, update)

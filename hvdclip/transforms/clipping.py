@@ -1,0 +1,94 @@
+"""Fixed-threshold clipping: by value, by each tensor's norm, and by the global norm."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from hvdclip.gradients import dedupe, global_norm, map_values, squared_norm
+from hvdclip.transforms.base import GradientTransform
+from hvdclip.validation import check_number
+
+__all__ = ["clip_by_value", "clip_by_norm", "clip_by_global_norm", "scale_to_norm"]
+
+
+def _stateless(update) -> GradientTransform:
+    def init(variables):
+        del variables
+        return ()
+
+    return GradientTransform(init, update)
+
+
+def scale_to_norm(norm: tf.Tensor, max_norm: tf.Tensor | float) -> tf.Tensor:
+    """The factor that brings a vector of L2 norm `norm` down to at most `max_norm`.
+
+    Exactly 1.0 when `norm <= max_norm`, so an inactive clip leaves gradients bit-identical.
+    """
+    max_norm = tf.cast(max_norm, tf.float32)
+    return max_norm / tf.maximum(norm, max_norm)
+
+
+def _scale(grad, factor):
+    return map_values(lambda values: values * tf.cast(factor, values.dtype), grad)
+
+
+def clip_by_value(clip_value: float) -> GradientTransform:
+    """Clips every element of the reduced gradient to `[-clip_value, clip_value]`.
+
+    Repeated rows of sparse gradients are summed before clipping, so the result is the clip of
+    the dense gradient.
+
+    Example:
+        >>> trainer = HvdClipTrainer(model, optimizer, loss_fn, clip=hvdclip.clip_by_value(0.5))
+    """
+    clip_value = check_number("clip_value", clip_value, gt=0)
+
+    def clip(grad):
+        if grad is None:
+            return None
+        if isinstance(grad, tf.IndexedSlices):
+            grad = dedupe(grad)
+        return map_values(lambda values: tf.clip_by_value(values, -clip_value, clip_value), grad)
+
+    def update(grads, state, variables):
+        del variables
+        return [clip(g) for g in grads], state
+
+    return _stateless(update)
+
+
+def clip_by_norm(max_norm: float) -> GradientTransform:
+    """Scales each gradient tensor on its own so that its L2 norm is at most `max_norm`.
+
+    This changes the update's direction when only some tensors are clipped; prefer
+    `clip_by_global_norm` unless you want per-layer bounds.
+
+    Example:
+        >>> trainer = HvdClipTrainer(model, optimizer, loss_fn, clip=hvdclip.clip_by_norm(1.0))
+    """
+    max_norm = check_number("max_norm", max_norm, gt=0)
+
+    def update(grads, state, variables):
+        del variables
+        return [None if g is None else _scale(g, scale_to_norm(tf.sqrt(squared_norm(g)), max_norm)) for g in grads], state
+
+    return _stateless(update)
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransform:
+    """Scales all gradients together so that their joint L2 norm is at most `max_norm`.
+
+    The default to reach for: it keeps the update's direction. Run after the allreduce (as the
+    trainer does), it is the same on every rank and equal to clipping the full-batch gradient.
+
+    Example:
+        >>> trainer = HvdClipTrainer(model, optimizer, loss_fn, clip=hvdclip.clip_by_global_norm(1.0))
+    """
+    max_norm = check_number("max_norm", max_norm, gt=0)
+
+    def update(grads, state, variables):
+        del variables
+        factor = scale_to_norm(global_norm(grads), max_norm)
+        return [_scale(g, factor) for g in grads], state
+
+    return _stateless(update)

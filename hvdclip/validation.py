@@ -1,0 +1,67 @@
+"""Argument checks shared by the public API.
+
+Every check raises `TypeError` (wrong kind of value) or `ValueError` (right kind, wrong range) with
+one message form: "`max_norm` must be a number > 0. Received: max_norm=-1". They run in Python
+before anything is traced, so a mistake never surfaces as a graph error on one rank.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+__all__ = ["check_int", "check_number", "check_bool", "check_callable"]
+
+
+def _received(name: str, value: Any) -> str:
+    return f"Received: {name}={value!r}"
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+) -> float:
+    """Returns `value` as a float after checking its type and bounds."""
+    bounds = " and ".join(
+        f"{op} {bound}" for op, bound in ((">", gt), (">=", ge), ("<", lt), ("<=", le)) if bound is not None
+    )
+    what = f"a number {bounds}".strip()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be {what}. {_received(name, value)}")
+    value = float(value)
+    ok = math.isfinite(value)
+    ok = ok and (gt is None or value > gt) and (ge is None or value >= ge)
+    ok = ok and (lt is None or value < lt) and (le is None or value <= le)
+    if not ok:
+        raise ValueError(f"`{name}` must be {what}. {_received(name, value)}")
+    return value
+
+
+def check_int(name: str, value: Any, *, ge: int | None = None, le: int | None = None) -> int:
+    """Returns `value` as an int after checking its type and bounds (bools are refused)."""
+    bounds = " and ".join(f"{op} {bound}" for op, bound in ((">=", ge), ("<=", le)) if bound is not None)
+    what = f"an integer {bounds}".strip()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be {what}. {_received(name, value)}")
+    value = int(value)
+    if (ge is not None and value < ge) or (le is not None and value > le):
+        raise ValueError(f"`{name}` must be {what}. {_received(name, value)}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False. {_received(name, value)}")
+    return value
+
+
+def check_callable(name: str, value: Any) -> Any:
+    if not callable(value):
+        raise TypeError(f"`{name}` must be callable. {_received(name, value)}")
+    return value
