@@ -49,8 +49,9 @@ def identity() -> GradientTransform:
 def chain(*transforms: GradientTransform) -> GradientTransform:
     """Runs transforms in order, each on the previous one's output; keeps a tuple of states.
 
-    Order matters: `chain(clip_by_value(1.0), clip_by_global_norm(5.0))` bounds the final norm by
-    5, while the reverse order bounds every element by 1 but may leave the norm below 5.
+    Order matters: each transform sees the previous one's output. On the gradient [10, 0.1, -10],
+    `chain(clip_by_value(0.5), clip_by_global_norm(1.0))` gives [0.5, 0.1, -0.5] (the value clip
+    already brought the norm under 1), while the reverse order gives [0.5, 0.00707, -0.5].
 
     Example:
         >>> clip = hvdclip.chain(hvdclip.clip_by_value(1.0), hvdclip.clip_by_global_norm(5.0))

@@ -1,0 +1,56 @@
+"""Shared test helpers: deterministic models and data, and cross-rank comparisons."""
+
+from __future__ import annotations
+
+import hashlib
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def make_mlp(seed: int, in_dim: int = 8, hidden: int = 16, out: int = 1, name: str = "mlp") -> keras.Model:
+    """A small built MLP whose initial weights depend only on `seed`."""
+    init = lambda offset: keras.initializers.GlorotUniform(seed=seed * 100 + offset)  # noqa: E731
+    model = keras.Sequential(
+        [
+            keras.Input((in_dim,)),
+            keras.layers.Dense(hidden, activation="tanh", kernel_initializer=init(1)),
+            keras.layers.Dense(hidden, activation="tanh", kernel_initializer=init(2)),
+            keras.layers.Dense(out, kernel_initializer=init(3)),
+        ],
+        name=name,
+    )
+    return model
+
+
+def make_data(seed: int, n: int, in_dim: int = 8, scale: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """Regression data with large targets, so gradients are big enough for clipping to bite."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, in_dim)).astype("float32")
+    w = rng.normal(size=(in_dim, 1)).astype("float32")
+    y = (scale * np.sin(x @ w) + scale * x[:, :1] ** 2).astype("float32")
+    return x, y
+
+
+def checksum(variables) -> np.ndarray:
+    """A bit-exact fingerprint of variables' values as 4 int64s (sha256 of their bytes)."""
+    digest = hashlib.sha256()
+    for variable in variables:
+        value = variable.numpy() if hasattr(variable, "numpy") else np.asarray(variable)
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return np.frombuffer(digest.digest(), dtype=np.int64).copy()
+
+
+def allgather(array) -> np.ndarray:
+    """Stacks `array` from every rank: result[r] is rank r's value."""
+    import horovod.tensorflow as hvd
+
+    array = np.asarray(array)
+    gathered = hvd.allgather(tf.constant(array[np.newaxis]))
+    return gathered.numpy()
+
+
+def same_on_all_ranks(array) -> bool:
+    rows = allgather(array)
+    return bool(all(np.array_equal(rows[0], row) for row in rows[1:]))

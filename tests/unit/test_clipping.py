@@ -1,0 +1,159 @@
+"""The clipping math against NumPy references, on dense and sparse gradients."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import hvdclip
+from hvdclip.gradients import dedupe, global_norm
+
+RNG = np.random.default_rng(0)
+
+
+def dense_list():
+    return [tf.constant(RNG.normal(size=(4, 3)).astype("float32") * 5), tf.constant(RNG.normal(size=(3,)).astype("float32"))]
+
+
+def sparse_grad():
+    # Row 1 appears twice, as after Horovod's allgather of two ranks' embedding gradients.
+    values = RNG.normal(size=(4, 2)).astype("float32") * 4
+    return tf.IndexedSlices(tf.constant(values), tf.constant([1, 3, 1, 0]), tf.constant([5, 2]))
+
+
+def to_dense(grad):
+    return None if grad is None else tf.convert_to_tensor(grad).numpy()
+
+
+def apply(transform, grads, variables=()):
+    state = transform.init(list(variables))
+    out, _ = transform.update(list(grads), state, list(variables))
+    return out
+
+
+def np_global_norm(arrays):
+    return np.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2)) for a in arrays if a is not None))
+
+
+def test_dedupe_sums_repeated_rows():
+    grad = sparse_grad()
+    merged = dedupe(grad)
+    assert sorted(merged.indices.numpy().tolist()) == [0, 1, 3]
+    np.testing.assert_allclose(to_dense(merged), to_dense(grad), rtol=1e-6)
+
+
+def test_global_norm_of_sparse_equals_dense_norm():
+    grad = sparse_grad()
+    dense = to_dense(grad)
+    assert float(global_norm([grad])) == pytest.approx(np_global_norm([dense]), rel=1e-6)
+    # The naive norm of the rows with a repeated index is different: this is what dedupe fixes.
+    naive = np.sqrt(np.sum(grad.values.numpy() ** 2))
+    assert abs(naive - np_global_norm([dense])) > 1e-3
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 3.0, 1e6])
+def test_clip_by_global_norm_matches_numpy(max_norm):
+    grads = dense_list() + [sparse_grad()]
+    dense = [to_dense(g) for g in grads]
+    norm = np_global_norm(dense)
+    expected = [d * (max_norm / max(norm, max_norm)) for d in dense]
+    out = apply(hvdclip.clip_by_global_norm(max_norm), grads)
+    assert isinstance(out[-1], tf.IndexedSlices)
+    for got, want in zip(out, expected):
+        np.testing.assert_allclose(to_dense(got), want, rtol=1e-5, atol=1e-6)
+    assert float(global_norm(out)) <= max_norm * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 2.0])
+def test_clip_by_norm_clips_each_tensor_on_its_own(max_norm):
+    grads = dense_list() + [sparse_grad()]
+    out = apply(hvdclip.clip_by_norm(max_norm), grads)
+    for got, grad in zip(out, grads):
+        dense = to_dense(grad)
+        norm = np_global_norm([dense])
+        np.testing.assert_allclose(to_dense(got), dense * (max_norm / max(norm, max_norm)), rtol=1e-5, atol=1e-6)
+
+
+def test_clip_by_value_clips_the_dense_gradient_of_sparse_rows():
+    grad = sparse_grad()
+    out = apply(hvdclip.clip_by_value(1.5), dense_list() + [grad])
+    np.testing.assert_allclose(to_dense(out[-1]), np.clip(to_dense(grad), -1.5, 1.5), rtol=1e-6)
+    for got, g in zip(out[:2], dense_list()):
+        assert np.max(np.abs(to_dense(got))) <= 1.5
+
+
+@pytest.mark.parametrize(
+    "transform", [hvdclip.clip_by_value(1.0), hvdclip.clip_by_norm(1.0), hvdclip.clip_by_global_norm(1.0)]
+)
+def test_none_gradients_pass_through(transform):
+    grads = [None] + dense_list() + [None]
+    out = apply(transform, grads)
+    assert out[0] is None and out[-1] is None
+    assert all(g is not None for g in out[1:-1])
+
+
+@pytest.mark.parametrize(
+    "transform", [hvdclip.clip_by_value(0.7), hvdclip.clip_by_norm(0.7), hvdclip.clip_by_global_norm(0.7)]
+)
+def test_clipping_twice_changes_nothing(transform):
+    once = apply(transform, dense_list() + [sparse_grad()])
+    twice = apply(transform, once)
+    for a, b in zip(once, twice):
+        np.testing.assert_allclose(to_dense(a), to_dense(b), rtol=1e-6, atol=1e-7)
+
+
+def test_inactive_global_norm_clip_is_bit_identical():
+    grads = dense_list()
+    out = apply(hvdclip.clip_by_global_norm(1e9), grads)
+    for a, b in zip(grads, out):
+        assert np.array_equal(a.numpy(), b.numpy())
+
+
+def test_norm_after_clipping_is_bounded_on_random_inputs():
+    for trial in range(20):
+        rng = np.random.default_rng(trial)
+        max_norm = float(rng.uniform(0.01, 10))
+        grads = [tf.constant(rng.normal(size=(rng.integers(1, 9),)).astype("float32") * rng.uniform(0, 100)) for _ in range(3)]
+        out = apply(hvdclip.clip_by_global_norm(max_norm), grads)
+        assert float(global_norm(out)) <= max_norm * (1 + 1e-5)
+
+
+def test_chain_order_matters_as_documented():
+    grads = [tf.constant([10.0, 0.1, -10.0])]
+    value_then_norm = apply(hvdclip.chain(hvdclip.clip_by_value(0.5), hvdclip.clip_by_global_norm(1.0)), grads)
+    norm_then_value = apply(hvdclip.chain(hvdclip.clip_by_global_norm(1.0), hvdclip.clip_by_value(0.5)), grads)
+    # The numbers in chain's docstring.
+    np.testing.assert_allclose(value_then_norm[0].numpy(), [0.5, 0.1, -0.5], rtol=1e-6)
+    np.testing.assert_allclose(norm_then_value[0].numpy(), [0.5, 0.1 / np.sqrt(200.01), -0.5], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "factory, arg, name",
+    [
+        (hvdclip.clip_by_global_norm, 0, "max_norm"),
+        (hvdclip.clip_by_global_norm, -1.0, "max_norm"),
+        (hvdclip.clip_by_global_norm, float("nan"), "max_norm"),
+        (hvdclip.clip_by_norm, -2, "max_norm"),
+        (hvdclip.clip_by_value, 0.0, "clip_value"),
+    ],
+)
+def test_out_of_range_thresholds_are_rejected(factory, arg, name):
+    with pytest.raises(ValueError, match=rf"`{name}` must be a number > 0\. Received: {name}="):
+        factory(arg)
+
+
+@pytest.mark.parametrize(
+    "factory, arg, name",
+    [
+        (hvdclip.clip_by_global_norm, "1.0", "max_norm"),
+        (hvdclip.clip_by_norm, None, "max_norm"),
+        (hvdclip.clip_by_value, True, "clip_value"),
+    ],
+)
+def test_non_numeric_thresholds_are_rejected(factory, arg, name):
+    with pytest.raises(TypeError, match=rf"`{name}` must be a number > 0\. Received: {name}={arg!r}"):
+        factory(arg)
+
+
+def test_chain_rejects_non_transforms():
+    with pytest.raises(TypeError, match=r"Received: transforms\[1\]=1\.0"):
+        hvdclip.chain(hvdclip.clip_by_norm(1.0), 1.0)
