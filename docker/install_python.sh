@@ -14,6 +14,9 @@
 # A built wheel is cached in $HVDCLIP_WHEEL_CACHE (default ~/.cache/hvdclip/wheels), keyed by
 # Horovod, TensorFlow and Python versions, the CPU/GPU variant and PATCH_REV below, so a second
 # install only reinstalls the wheel.
+#
+# HVDCLIP_REQUIRE_CACHED_WHEEL=1 forbids building: the Dockerfiles' runtime stages set it, so they
+# install the wheel their builder stage made (and need no compiler or MPI headers) or fail loudly.
 set -euo pipefail
 
 PATCH_REV=1  # bump when the patch or the build flags below change: old cached wheels are ignored
@@ -29,7 +32,6 @@ case "${2:-}" in
     *) die "unknown option '$2'; the only option is --gpu" ;;
 esac
 command -v "$PYTHON" >/dev/null 2>&1 || die "no python at '$PYTHON'"
-command -v mpicxx >/dev/null 2>&1 || die "mpicxx not found: run docker/install_system.sh (Open MPI dev files) first"
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=../versions.env
@@ -57,6 +59,12 @@ cache="${HVDCLIP_WHEEL_CACHE:-$HOME/.cache/hvdclip/wheels}/$key"
 
 wheel=$(ls "$cache"/horovod-*.whl 2>/dev/null | head -n 1 || true)
 if [ -z "$wheel" ]; then
+    if [ "${HVDCLIP_REQUIRE_CACHED_WHEEL:-0}" = 1 ]; then
+        die "no cached wheel $cache/horovod-*.whl and HVDCLIP_REQUIRE_CACHED_WHEEL=1 forbids building it" \
+            "(in a Docker build: the builder stage resolved other versions than this stage)"
+    fi
+    command -v mpicxx >/dev/null 2>&1 \
+        || die "mpicxx not found: run docker/install_system.sh (Open MPI dev files) first"
     echo "install_python: building $key (a few minutes; cached afterwards in $cache)" >&2
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
