@@ -14,5 +14,5 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["hvdclip", "hvdclip.*"]),
     install_requires=["numpy"],
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["hvdclip-run = hvdclip.launch.cli:main"]},
 )

@@ -1,0 +1,159 @@
+"""`hvdclip-run` (also `python -m hvdclip.launch`): argument parsing and the top-level flow.
+
+    hvdclip-run -np 8 -H node1:4,node2:4 --backend mpirun -- python train.py --epochs 3
+
+The flow is: parse -> `LaunchSettings` -> `build_command` -> print it (`--dry-run`) or hand it to the
+executor. Mistakes in the arguments and in the environment end in one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TextIO
+
+from hvdclip.errors import LauncherError
+from hvdclip.launch.commands import build_command, default_backend, find_program
+from hvdclip.launch.executor import Executor, run_job
+from hvdclip.launch.hosts import parse_host_list, read_hostfile
+from hvdclip.launch.settings import BACKENDS, LaunchSettings
+
+__all__ = ["main", "parse_args"]
+
+USAGE_EXIT_CODE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports mistakes by raising, so that every error reaches the user the same way."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ValueError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="hvdclip-run",
+        description="Start a Horovod job with horovodrun, Open MPI's mpirun or Slurm's srun.",
+        epilog="Example: hvdclip-run -np 8 -H node1:4,node2:4 -- python train.py",
+    )
+    job = parser.add_argument_group("job")
+    job.add_argument("-np", "--num-proc", dest="num_proc", required=True, metavar="N", help="number of ranks")
+    job.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="program that starts the ranks (default: srun inside a Slurm allocation, else horovodrun)",
+    )
+    job.add_argument("--timeout", metavar="S", help="stop the whole job after S seconds (exit code 124)")
+    job.add_argument("--dry-run", action="store_true", help="print the command and run nothing")
+    job.add_argument("--verbose", action="store_true", help="print the command before running it; horovodrun --verbose")
+
+    hosts = parser.add_argument_group("hosts").add_mutually_exclusive_group()
+    hosts.add_argument("-H", "--hosts", metavar="HOST:N,...", help="hosts and slots, e.g. node1:4,node2:4")
+    hosts.add_argument("--hostfile", metavar="FILE", help="one `host slots=N` or `host:N` per line")
+
+    controller = parser.add_argument_group("controller (horovodrun backend)").add_mutually_exclusive_group()
+    controller.add_argument("--gloo", dest="controller", action="store_const", const="gloo", help="Gloo controller")
+    controller.add_argument("--mpi", dest="controller", action="store_const", const="mpi", help="MPI controller")
+
+    comms = parser.add_argument_group("environment and communication")
+    comms.add_argument(
+        "--env", action="append", default=[], metavar="NAME", help="also pass variable NAME to every rank (repeatable)"
+    )
+    comms.add_argument(
+        "--network-interface",
+        dest="nics",
+        action="append",
+        default=[],
+        metavar="NIC",
+        help="network interface for Horovod and MPI traffic, e.g. eth0 (repeatable, or comma-separated)",
+    )
+    comms.add_argument("--fusion-threshold-mb", metavar="MB", help="Horovod tensor fusion buffer size")
+    comms.add_argument("--cycle-time-ms", metavar="MS", help="Horovod tensor fusion cycle time")
+    comms.add_argument("--srun-mpi", default="pmix", metavar="TYPE", help="srun --mpi plugin (default: pmix)")
+
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="after `--`: the program each rank runs")
+    return parser
+
+
+def _number(flag: str, text: str | None, kind: type, what: str) -> int | float | None:
+    """Converts a flag's text; the range is checked by `LaunchSettings`."""
+    if text is None:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"`{flag}` must be {what}. Received: {flag}={text}") from None
+
+
+def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[LaunchSettings, argparse.Namespace]:
+    """Parses a command line into `LaunchSettings` plus the options that are not part of the command.
+
+    Raises:
+        ValueError: a bad argument; the message names it and the value received.
+    """
+    args = _parser().parse_args(list(argv))
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    hosts = ()
+    if args.hosts is not None:
+        hosts = parse_host_list(args.hosts)
+    elif args.hostfile is not None:
+        hosts = read_hostfile(args.hostfile)
+    args.timeout = _number("--timeout", args.timeout, float, "a number of seconds > 0")
+    if args.timeout is not None and not args.timeout > 0:
+        raise ValueError(f"`--timeout` must be a number of seconds > 0. Received: --timeout={args.timeout:g}")
+    settings = LaunchSettings(
+        num_proc=_number("-np", args.num_proc, int, "an integer >= 1"),
+        command=tuple(command),
+        backend=args.backend or default_backend(environ),
+        hosts=hosts,
+        controller=args.controller,
+        env=tuple(args.env),
+        network_interfaces=tuple(nic for group in args.nics for nic in group.split(",") if nic),
+        fusion_threshold_mb=_number("--fusion-threshold-mb", args.fusion_threshold_mb, int, "an integer >= 0"),
+        cycle_time_ms=_number("--cycle-time-ms", args.cycle_time_ms, float, "a number >= 0"),
+        verbose=args.verbose,
+        srun_mpi=args.srun_mpi,
+    )
+    return settings, args
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    executor: Executor = run_job,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """Runs `hvdclip-run` and returns its exit code: the job's, or 2 for a usage or environment error.
+
+    Args:
+        argv: the arguments after the program name; defaults to `sys.argv[1:]`.
+        environ: the environment to launch with; defaults to `os.environ`.
+        executor: runs the built command; tests pass a fake.
+        stdout: where `--dry-run` prints the command; defaults to `sys.stdout`.
+        stderr: where errors go; defaults to `sys.stderr`.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    environ = dict(os.environ if environ is None else environ)
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    try:
+        settings, args = parse_args(argv, environ)
+        command = build_command(settings, environ, as_root=os.geteuid() == 0)
+        try:
+            command[0] = find_program(command[0], environ)
+        except LauncherError:
+            if not args.dry_run:
+                raise
+    except (ValueError, TypeError, LauncherError) as err:
+        print(f"hvdclip-run: error: {err}", file=stderr)
+        return USAGE_EXIT_CODE
+    if args.dry_run:
+        print(shlex.join(command), file=stdout)
+        return 0
+    if args.verbose:
+        print(f"hvdclip-run: {shlex.join(command)}", file=stderr, flush=True)
+    return executor(command, environ, args.timeout)

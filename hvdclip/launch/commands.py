@@ -1,0 +1,146 @@
+"""Turns `LaunchSettings` into the argument list of horovodrun, mpirun or srun.
+
+`build_command` is pure: it reads the caller's environment only through its `environ` argument, and
+leaves the program as a bare name (`find_program` resolves it), so tests compare lists exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+
+from hvdclip.errors import LauncherError
+from hvdclip.launch.settings import LaunchSettings
+
+__all__ = ["build_command", "default_backend", "find_program", "horovod_env"]
+
+# Variables mpirun forwards to every rank when they are set: the search paths first, then everything
+# that configures NCCL, Horovod or TensorFlow.
+_MPIRUN_PATHS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH")
+_MPIRUN_PREFIXES = ("NCCL_", "HOROVOD_", "TF_")
+
+_INSTALL_HINTS = {
+    "horovodrun": "install Horovod into this Python (`make install` in the hvdclip repo builds it with TensorFlow)",
+    "mpirun": "install Open MPI (Debian/Ubuntu: `apt-get install openmpi-bin`) or use `--backend horovodrun --gloo`",
+    "srun": "install Slurm's client tools (Debian/Ubuntu: `apt-get install slurm-client`) or choose "
+    "`--backend horovodrun` or `--backend mpirun`",
+}
+
+
+def default_backend(environ: Mapping[str, str]) -> str:
+    """`srun` inside a Slurm allocation (SLURM_JOB_ID is set), otherwise `horovodrun`."""
+    return "srun" if environ.get("SLURM_JOB_ID") else "horovodrun"
+
+
+def horovod_env(settings: LaunchSettings) -> dict[str, str]:
+    """The variables through which Horovod and the transports read the tuning options.
+
+    horovodrun sets these itself from its flags; for mpirun and srun they go on the command line.
+    """
+    env = {}
+    if settings.fusion_threshold_mb is not None:
+        env["HOROVOD_FUSION_THRESHOLD"] = str(settings.fusion_threshold_mb * 1024 * 1024)
+    if settings.cycle_time_ms is not None:
+        env["HOROVOD_CYCLE_TIME"] = f"{settings.cycle_time_ms:g}"
+    if settings.network_interfaces:
+        env["NCCL_SOCKET_IFNAME"] = ",".join(settings.network_interfaces)
+    return env
+
+
+def _hosts_arg(settings: LaunchSettings) -> list[str]:
+    return ["-H", ",".join(map(str, settings.hosts))] if settings.hosts else []
+
+
+def _horovodrun(settings: LaunchSettings, environ: Mapping[str, str], as_root: bool) -> list[str]:
+    argv = ["horovodrun", "-np", str(settings.num_proc), *_hosts_arg(settings)]
+    if settings.controller:
+        argv.append(f"--{settings.controller}")
+    if settings.network_interfaces:
+        argv += ["--network-interfaces", ",".join(settings.network_interfaces)]
+    if settings.fusion_threshold_mb is not None:
+        argv += ["--fusion-threshold-mb", str(settings.fusion_threshold_mb)]
+    if settings.cycle_time_ms is not None:
+        argv += ["--cycle-time-ms", f"{settings.cycle_time_ms:g}"]
+    if settings.verbose:
+        argv.append("--verbose")
+    return argv
+
+
+def _mpirun_exports(settings: LaunchSettings, environ: Mapping[str, str]) -> list[str]:
+    """`-x` arguments: set variables by name, then the values hvdclip-run chooses as NAME=VALUE."""
+    chosen = horovod_env(settings)
+    prefixed = sorted(name for name in environ if name.startswith(_MPIRUN_PREFIXES))
+    names = [name for name in (*_MPIRUN_PATHS, *prefixed, *settings.env) if name in environ]
+    names = [name for name in dict.fromkeys(names) if name not in chosen]
+    exports = names + [f"{name}={value}" for name, value in chosen.items()]
+    return [arg for export in exports for arg in ("-x", export)]
+
+
+def _mpirun(settings: LaunchSettings, environ: Mapping[str, str], as_root: bool) -> list[str]:
+    argv = ["mpirun", "-np", str(settings.num_proc), *_hosts_arg(settings)]
+    # No binding: each rank runs TensorFlow's own thread pools, which one bound core would starve.
+    argv += ["-bind-to", "none", "-map-by", "slot"]
+    # ob1 over TCP/shared memory works everywhere; the openib BTL is deprecated and only warns.
+    argv += ["-mca", "pml", "ob1", "-mca", "btl", "^openib"]
+    if settings.network_interfaces:
+        argv += ["-mca", "btl_tcp_if_include", ",".join(settings.network_interfaces)]
+    if as_root:
+        argv.append("--allow-run-as-root")
+    return argv + _mpirun_exports(settings, environ)
+
+
+def _srun(settings: LaunchSettings, environ: Mapping[str, str], as_root: bool) -> list[str]:
+    argv = ["srun", f"--ntasks={settings.num_proc}", f"--mpi={settings.srun_mpi}"]
+    if settings.hosts:
+        argv.append(f"--nodelist={','.join(host.name for host in settings.hosts)}")
+    # One failed rank ends the step instead of leaving the others blocked in a collective.
+    argv += ["--kill-on-bad-exit=1", "--cpu-bind=none"]
+    # srun exports the caller's whole environment; chosen values go through `env` because
+    # `--export=NAME=VALUE` cannot carry values with commas (interface lists).
+    chosen = {"OMPI_MCA_pml": "ob1", "OMPI_MCA_btl": "^openib", **horovod_env(settings)}
+    if settings.network_interfaces:
+        chosen["OMPI_MCA_btl_tcp_if_include"] = ",".join(settings.network_interfaces)
+    return argv + ["env", *(f"{name}={value}" for name, value in chosen.items())]
+
+
+_BUILDERS = {"horovodrun": _horovodrun, "mpirun": _mpirun, "srun": _srun}
+
+
+def build_command(settings: LaunchSettings, environ: Mapping[str, str], *, as_root: bool = False) -> list[str]:
+    """The launcher's argument list for `settings`, ending with the user's command.
+
+    Args:
+        settings: the job.
+        environ: the caller's environment (mpirun forwards some of its variables by name).
+        as_root: whether the job starts as root (Open MPI then needs `--allow-run-as-root`).
+
+    Raises:
+        ValueError: an `--env` name is not set in `environ`.
+
+    Example:
+        >>> build_command(LaunchSettings(num_proc=2, command=("python", "train.py")), {})
+        ['horovodrun', '-np', '2', 'python', 'train.py']
+    """
+    for name in settings.env:
+        if name not in environ:
+            raise ValueError(f"`--env` must name a variable that is set in this environment. Received: --env={name}")
+    return _BUILDERS[settings.backend](settings, environ, as_root) + list(settings.command)
+
+
+def find_program(name: str, environ: Mapping[str, str]) -> str:
+    """The full path of launcher `name`, searched on PATH and then beside this Python.
+
+    The second place finds the venv's `horovodrun` when `hvdclip-run` is started as
+    `.venv/bin/hvdclip-run` without activating the venv.
+
+    Raises:
+        LauncherError: `name` is in neither place; the message says what to install.
+    """
+    found = shutil.which(name, path=environ.get("PATH", os.defpath)) or shutil.which(
+        name, path=os.path.dirname(sys.executable)
+    )
+    if found is None:
+        raise LauncherError(f"`{name}` was not found on PATH: {_INSTALL_HINTS.get(name, f'install {name}')}.")
+    return found
