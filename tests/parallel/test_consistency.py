@@ -70,3 +70,18 @@ def test_fit_from_different_initial_weights_broadcasts_once(world, monkeypatch):
     assert calls[0] == len(model.variables) + len(optimizer.variables)
     assert trainer.broadcast_count == 1
     assert len(history.history["loss"]) == 3
+
+
+def test_the_compiled_step_allreduces_and_never_broadcasts(world):
+    rank, _ = world
+    trainer = hvdclip.HvdClipTrainer(
+        make_mlp(seed=5), keras.optimizers.Adam(1e-3), keras.losses.MeanSquaredError(), clip=hvdclip.clip_by_global_norm(1.0)
+    )
+    x, y = make_data(seed=rank, n=8)
+    trainer.train_step(x, y)
+    graph_def = trainer._compiled_step.get_concrete_function(tf.constant(x), tf.constant(y)).graph.as_graph_def()
+    # Horovod's allreduce sits in nested functions, so look through the function library too.
+    op_types = {node.op for node in graph_def.node}
+    op_types |= {node.op for function in graph_def.library.function for node in function.node_def}
+    assert any("Allreduce" in t for t in op_types), sorted(t for t in op_types if "Horovod" in t)
+    assert not any("Broadcast" in t for t in op_types if t.startswith("Horovod")), sorted(op_types)
