@@ -107,6 +107,7 @@ class HvdClipTrainer:
         self.loss_fn = loss_fn
         self.clip = clip if clip is not None else identity()
 
+        self._built = False
         self._started = False
         self._broadcast_count = 0
         self._clip_state: Any = ()
@@ -135,12 +136,20 @@ class HvdClipTrainer:
             + tf.nest.flatten(self._clip_state)
         )
 
-    def _start(self, x: Any) -> None:
-        """Builds every variable, then broadcasts rank 0's state exactly once."""
-        if self._started:
+    def _build(self, x: Any = None) -> None:
+        """Creates every variable (model weights, optimizer slots, clip state); no communication.
+
+        `x` is a sample batch, needed only for a subclassed model that creates its weights on
+        first call. Idempotent.
+        """
+        if self._built:
             return
         if not self.model.built or not self.model.trainable_variables:
-            self.model(x, training=False)  # A subclassed model creates its weights on first call.
+            if x is None:
+                raise ValueError(
+                    f"`model` {self.model.name!r} is not built yet; call it on a batch or `model.build(shape)` first."
+                )
+            self.model(x, training=False)
         if not self.model.trainable_variables:
             raise ValueError(f"`model` has no trainable variables. Received: model={self.model.name!r}")
         # Slots must exist before the broadcast, or rank 0's optimizer state could never reach the others.
@@ -148,6 +157,13 @@ class HvdClipTrainer:
         self._clip_state = tf.nest.map_structure(
             lambda t: tf.Variable(t, trainable=False), self.clip.init(self.model.trainable_variables)
         )
+        self._built = True
+
+    def _start(self, x: Any) -> None:
+        """Builds every variable, then broadcasts rank 0's state exactly once."""
+        if self._started:
+            return
+        self._build(x)
         horovod_bridge.broadcast_from_root(self._state_variables())
         self._broadcast_count += 1
         self._started = True
