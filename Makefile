@@ -11,7 +11,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-unit test-parallel clean
+.PHONY: install demo test test-unit test-parallel clean lint-docker docker-gpu docker-cpu
 
 install: $(STAMP)
 
@@ -28,7 +28,7 @@ $(STAMP): versions.env setup.py docker/install_system.sh docker/install_python.s
 demo: install
 	$(BIN)/horovodrun -np 2 --gloo $(PY) examples/train.py
 
-test: install test-unit test-parallel
+test: install lint-docker test-unit test-parallel
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
@@ -41,3 +41,16 @@ test-parallel: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Docker images. Every ARG in a Dockerfile is a versions.env key (tests/unit/test_docker.py checks),
+# and each is passed from versions.env here. BuildKit (the default since Docker 23) runs the
+# Dockerfiles' RUN --mount. Linting needs no Docker daemon.
+DOCKER       ?= docker
+DOCKER_IMAGE ?= hvdclip
+docker_build_args = $(foreach a,$(sort $(shell sed -n 's/^ARG \([A-Z0-9_]*\).*/\1/p' $(1))),--build-arg $(a)=$($(a)))
+
+docker-gpu docker-cpu: docker-%:
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/Dockerfile.$* -t $(DOCKER_IMAGE):$* $(call docker_build_args,docker/Dockerfile.$*) .
+
+lint-docker: install
+	$(BIN)/hadolint docker/Dockerfile.gpu docker/Dockerfile.cpu
