@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
-__all__ = ["as_tf_variables", "broadcast_from_root", "compression_for"]
+__all__ = ["as_tf_variables", "broadcast_from_root", "compression_for", "allreduce_dense"]
 
 _COMPRESSIONS = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
 
@@ -47,3 +47,18 @@ def compression_for(name: str | None):
     if not isinstance(key, str) or key not in _COMPRESSIONS:
         raise ValueError(f"`compression` must be one of {sorted(_COMPRESSIONS)} or None. Received: compression={name!r}")
     return _COMPRESSIONS[key]
+
+
+def allreduce_dense(grads: Sequence, compression=hvd.Compression.none) -> list:
+    """Averages dense gradients over ranks in one grouped (fused) allreduce; `None` stays `None`.
+
+    For gradients that were not produced by `hvd.DistributedGradientTape` (accumulated sums).
+    """
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not present:
+        return list(grads)
+    reduced = hvd.grouped_allreduce([grads[i] for i in present], op=hvd.Average, compression=compression)
+    out = list(grads)
+    for i, value in zip(present, reduced):
+        out[i] = value
+    return out

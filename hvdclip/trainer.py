@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from hvdclip import horovod_bridge, runtime
 from hvdclip.errors import NonFiniteGradientError
-from hvdclip.gradients import global_norm, sum_of_squares
+from hvdclip.gradients import global_norm, map_values, sum_of_squares
 from hvdclip.transforms.base import GradientTransform, identity
 from hvdclip.validation import check_bool, check_callable, check_int
 
@@ -54,6 +54,14 @@ class HvdClipTrainer:
         sparse_as_dense: allreduce embedding gradients as dense tensors instead of allgathering
             their rows.
         compression: `"fp16"` halves allreduce traffic (gradients are cast back after); `None`.
+        accumulation_steps: sum the local gradients of this many consecutive `train_step` calls
+            (micro-batches), then allreduce, clip and apply once. The calls in between report only
+            `loss`.
+
+    Mixed precision: with `keras.mixed_precision.set_global_policy("mixed_float16")` and a
+    `keras.optimizers.LossScaleOptimizer`, the step scales the loss, allreduces, *unscales*, then
+    clips, and applies with the inner optimizer. An overflowing step is skipped on every rank and
+    the loss scale halved, whatever `skip_nonfinite` says.
 
     Example:
         >>> hvdclip.init()
@@ -74,6 +82,7 @@ class HvdClipTrainer:
         max_consecutive_skips: int | None = None,
         sparse_as_dense: bool = False,
         compression: str | None = None,
+        accumulation_steps: int = 1,
     ) -> None:
         if not isinstance(model, keras.Model):
             raise TypeError(f"`model` must be a keras.Model (Keras 3). Received: model={model!r}")
@@ -81,10 +90,14 @@ class HvdClipTrainer:
             raise TypeError(
                 f"`optimizer` must be a Keras 3 optimizer such as keras.optimizers.Adam(). Received: optimizer={optimizer!r}"
             )
+        self._loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        # The optimizer that applies the (unscaled, clipped) gradient.
+        self._applier = optimizer.inner_optimizer if self._loss_scaling else optimizer
         for keyword in ("clipnorm", "clipvalue", "global_clipnorm"):
-            if getattr(optimizer, keyword, None) is not None:
+            value = getattr(optimizer, keyword, None) or getattr(self._applier, keyword, None)
+            if value is not None:
                 raise ValueError(
-                    f"`optimizer` clips by itself ({keyword}={getattr(optimizer, keyword)!r}), which would clip "
+                    f"`optimizer` clips by itself ({keyword}={value!r}), which would clip "
                     "the gradient a second time; pass clipping as `clip=` instead, e.g. "
                     "clip=hvdclip.clip_by_global_norm(1.0)."
                 )
@@ -100,6 +113,7 @@ class HvdClipTrainer:
         self._max_consecutive_skips = max_consecutive_skips
         self._sparse_as_dense = check_bool("sparse_as_dense", sparse_as_dense)
         self._compression = horovod_bridge.compression_for(compression)
+        self._accumulation_steps = check_int("accumulation_steps", accumulation_steps, ge=1)
         runtime.require_initialized("HvdClipTrainer")
 
         self.model = model
@@ -111,7 +125,11 @@ class HvdClipTrainer:
         self._started = False
         self._broadcast_count = 0
         self._clip_state: Any = ()
+        self._accumulators: list[tf.Variable] = []
+        self._micro_step = 0  # Calls since the last optimizer step, with accumulation_steps > 1.
         self._compiled_step = tf.function(self._step, reduce_retracing=True)
+        self._compiled_accumulate = tf.function(self._accumulate, reduce_retracing=True)
+        self._compiled_accumulated_step = tf.function(self._accumulated_step, reduce_retracing=True)
         # Counters live in variables so that a compiled step can update them without a host sync.
         self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="hvdclip_skipped_steps")
         self._consecutive_skips = tf.Variable(0, dtype=tf.int64, trainable=False, name="hvdclip_consecutive_skips")
@@ -157,6 +175,12 @@ class HvdClipTrainer:
         self._clip_state = tf.nest.map_structure(
             lambda t: tf.Variable(t, trainable=False), self.clip.init(self.model.trainable_variables)
         )
+        if self._accumulation_steps > 1:
+            # Dense sums of local gradients; they start at zero on every rank, so need no broadcast.
+            self._accumulators = [
+                tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="hvdclip_accumulator")
+                for v in horovod_bridge.as_tf_variables(self.model.trainable_variables)
+            ]
         self._built = True
 
     def _start(self, x: Any) -> None:
@@ -177,15 +201,60 @@ class HvdClipTrainer:
             loss = loss + tf.add_n([tf.cast(extra, loss.dtype) for extra in self.model.losses])
         return loss
 
+    def _scaled(self, loss: tf.Tensor) -> tf.Tensor:
+        """The loss the tape differentiates: scaled up under mixed precision to avoid underflow."""
+        return self.optimizer.scale_loss(loss) if self._loss_scaling else loss
+
+    def _unscaled(self, grads: list) -> list:
+        if not self._loss_scaling:
+            return grads
+        inverse = 1.0 / self.optimizer.dynamic_scale
+        return [map_values(lambda values: values * tf.cast(inverse, values.dtype), g) for g in grads]
+
     def _step(self, x: Any, y: Any) -> dict[str, tf.Tensor]:
-        variables = self.model.trainable_variables
+        """One optimizer step: gradient -> allreduce -> unscale -> clip -> apply."""
         with tf.GradientTape() as tape:
             loss = self._loss(x, y)
+            scaled_loss = self._scaled(loss)
         tape = hvd.DistributedGradientTape(
             tape, compression=self._compression, sparse_as_dense=self._sparse_as_dense, op=hvd.Average
         )
-        grads = tape.gradient(loss, horovod_bridge.as_tf_variables(variables))
+        grads = tape.gradient(scaled_loss, horovod_bridge.as_tf_variables(self.model.trainable_variables))
+        return self._clip_and_apply(loss, self._unscaled(grads))
 
+    def _local_gradients(self, x: Any, y: Any) -> tuple[tf.Tensor, list]:
+        with tf.GradientTape() as tape:
+            loss = self._loss(x, y)
+            scaled_loss = self._scaled(loss)
+        return loss, tape.gradient(scaled_loss, horovod_bridge.as_tf_variables(self.model.trainable_variables))
+
+    def _accumulate(self, x: Any, y: Any) -> dict[str, tf.Tensor]:
+        """A micro-batch before the last of an accumulation window: local work only, no allreduce."""
+        loss, grads = self._local_gradients(x, y)
+        for accumulator, grad in zip(self._accumulators, grads):
+            if grad is not None:
+                accumulator.assign_add(tf.convert_to_tensor(grad))
+        return {"loss": loss}
+
+    def _accumulated_step(self, x: Any, y: Any) -> dict[str, tf.Tensor]:
+        """The window's last micro-batch: mean of the k local gradients -> allreduce -> unscale -> clip -> apply."""
+        loss, grads = self._local_gradients(x, y)
+        k = float(self._accumulation_steps)
+        means = [
+            None if grad is None else (accumulator + tf.convert_to_tensor(grad)) / tf.cast(k, accumulator.dtype)
+            for accumulator, grad in zip(self._accumulators, grads)
+        ]
+        reduced = horovod_bridge.allreduce_dense(means, compression=self._compression)
+        for accumulator in self._accumulators:
+            accumulator.assign(tf.zeros_like(accumulator))
+        return self._clip_and_apply(loss, self._unscaled(reduced))
+
+    def _clip_and_apply(self, loss: tf.Tensor, grads: list) -> dict[str, tf.Tensor]:
+        """Clips the reduced (unscaled) gradient and applies it, or skips the step on NaN/Inf.
+
+        Everything here follows the allreduce, so every rank takes the same branch.
+        """
+        variables = self.model.trainable_variables
         squares = sum_of_squares(grads)
         grad_norm = tf.sqrt(squares)
         finite = tf.math.is_finite(squares)
@@ -194,17 +263,23 @@ class HvdClipTrainer:
         clipped_norm = global_norm(clipped)
 
         def apply() -> tf.Tensor:
-            self.optimizer.apply_gradients(zip(clipped, variables))
+            self._applier.apply_gradients(zip(clipped, variables))
             tf.nest.map_structure(lambda var, value: var.assign(value), self._clip_state, new_clip_state)
             self._consecutive_skips.assign(0)
+            if self._loss_scaling:
+                self._grow_loss_scale()
             return tf.constant(False)
 
         def skip() -> tf.Tensor:
             self.skipped_steps.assign_add(1)
             self._consecutive_skips.assign_add(1)
+            if self._loss_scaling:
+                self.optimizer.step_counter.assign(0)
+                self.optimizer.dynamic_scale.assign(self.optimizer.dynamic_scale * 0.5)
             return tf.constant(True)
 
-        skipped = tf.cond(finite, apply, skip) if self._skip_nonfinite else apply()
+        guarded = self._skip_nonfinite or self._loss_scaling
+        skipped = tf.cond(finite, apply, skip) if guarded else apply()
         return {
             "loss": loss,
             "grad_norm": grad_norm,
@@ -213,9 +288,23 @@ class HvdClipTrainer:
             "skipped": skipped,
         }
 
+    def _grow_loss_scale(self) -> None:
+        """Keras' dynamic loss scaling: double the scale after `dynamic_growth_steps` finite steps."""
+        lso = self.optimizer
+        grow = tf.equal(lso.step_counter, lso.dynamic_growth_steps - 1)
+        lso.step_counter.assign(tf.where(grow, tf.zeros_like(lso.step_counter), lso.step_counter + 1))
+        lso.dynamic_scale.assign(tf.where(grow, lso.dynamic_scale * 2.0, lso.dynamic_scale))
+
     def _run_step(self, x: Any, y: Any) -> dict[str, tf.Tensor]:
         self._start(x)
-        metrics = self._compiled_step(x, y)
+        if self._accumulation_steps == 1:
+            metrics = self._compiled_step(x, y)
+        else:
+            self._micro_step += 1
+            if self._micro_step < self._accumulation_steps:
+                return self._compiled_accumulate(x, y)
+            self._micro_step = 0
+            metrics = self._compiled_accumulated_step(x, y)
         if self._max_consecutive_skips is not None and self._skip_nonfinite:
             consecutive = int(self._consecutive_skips.numpy())
             if consecutive >= self._max_consecutive_skips:
