@@ -11,7 +11,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-unit test-parallel clean lint-docker docker-gpu docker-cpu
+.PHONY: install demo test test-unit test-parallel test-launch clean lint-docker docker-gpu docker-cpu
 
 install: $(STAMP)
 
@@ -26,9 +26,9 @@ $(STAMP): versions.env setup.py docker/install_system.sh docker/install_python.s
 	touch $@
 
 demo: install
-	$(BIN)/horovodrun -np 2 --gloo $(PY) examples/train.py
+	$(BIN)/hvdclip-run -np 2 --gloo -- $(PY) examples/train.py
 
-test: install lint-docker test-unit test-parallel
+test: install lint-docker test-unit test-parallel test-launch
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
@@ -38,6 +38,13 @@ test-parallel: install
 	timeout 900 $(BIN)/horovodrun -np 2 --gloo $(PY) -m pytest -q -p no:cacheprovider tests/parallel
 	timeout 900 mpirun -np 2 $(ROOT_FLAG) -bind-to none -map-by slot -x PATH -x TF_CPP_MIN_LOG_LEVEL \
 	    -x OMP_NUM_THREADS $(PY) -m pytest -q -p no:cacheprovider tests/parallel
+
+# Real jobs through hvdclip-run (horovodrun/Gloo, mpirun, and srun on a one-node Slurm cluster that
+# the tests start). The cluster's slurmd must run as root: as root (CI, containers) Slurm is installed
+# and its tests must pass; otherwise they are skipped.
+test-launch: install
+	$(if $(ROOT_FLAG),bash tests/launcher/install_slurm.sh)
+	HVDCLIP_REQUIRE_SLURM=$(if $(ROOT_FLAG),1,0) timeout 900 $(PY) -m pytest -q -p no:cacheprovider tests/launcher
 
 clean:
 	rm -rf $(VENV) build *.egg-info
