@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from hvdclip import horovod_bridge, runtime
 from hvdclip.errors import NonFiniteGradientError
-from hvdclip.gradients import global_norm, map_values, sum_of_squares
+from hvdclip.gradients import dedupe, global_norm, map_values, sum_of_squares
 from hvdclip.transforms.base import GradientTransform, identity
 from hvdclip.validation import check_bool, check_callable, check_int
 
@@ -255,6 +255,10 @@ class HvdClipTrainer:
         Everything here follows the allreduce, so every rank takes the same branch.
         """
         variables = self.model.trainable_variables
+        # Horovod allgathers sparse rows, so an embedding row touched on two ranks arrives twice.
+        # Merge repeats once here: Keras 3 optimizers apply element-wise ops (Adam squares the
+        # gradient) to IndexedSlices values without merging, which would square the parts, not the sum.
+        grads = [dedupe(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         squares = sum_of_squares(grads)
         grad_norm = tf.sqrt(squares)
         finite = tf.math.is_finite(squares)

@@ -54,3 +54,22 @@ def allgather(array) -> np.ndarray:
 def same_on_all_ranks(array) -> bool:
     rows = allgather(array)
     return bool(all(np.array_equal(rows[0], row) for row in rows[1:]))
+
+
+def make_embedding_model(seed: int, vocab: int = 40, dim: int = 6, ids: int = 5, name: str = "recsys") -> keras.Model:
+    """Embedding -> Dense: its embedding gradient is a tf.IndexedSlices."""
+    inputs = keras.Input((ids,), dtype="int32")
+    embedded = keras.layers.Embedding(
+        vocab, dim, embeddings_initializer=keras.initializers.RandomUniform(-0.5, 0.5, seed=seed)
+    )(inputs)
+    flat = keras.layers.Flatten()(embedded)
+    output = keras.layers.Dense(1, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1))(flat)
+    return keras.Model(inputs, output, name=name)
+
+
+def make_clicks(seed: int, n: int, vocab: int = 40, ids: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Id sequences drawn from a small vocabulary, so ids repeat within and across batches."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, vocab // 2, size=(n, ids)).astype("int32")
+    y = (3.0 * np.cos(x.sum(axis=1, keepdims=True) / 7.0) + 2.0).astype("float32")
+    return x, y
