@@ -14,7 +14,16 @@ from typing import Union
 
 import tensorflow as tf
 
-__all__ = ["Gradient", "dedupe", "map_values", "squared_norm", "global_norm", "sum_of_squares"]
+__all__ = [
+    "Gradient",
+    "dedupe",
+    "map_values",
+    "scale",
+    "scale_to_norm",
+    "squared_norm",
+    "global_norm",
+    "sum_of_squares",
+]
 
 Gradient = Union[tf.Tensor, tf.IndexedSlices, None]
 
@@ -37,6 +46,23 @@ def map_values(fn: Callable[[tf.Tensor], tf.Tensor], grad: Gradient) -> Gradient
     if isinstance(grad, tf.IndexedSlices):
         return tf.IndexedSlices(fn(grad.values), grad.indices, grad.dense_shape)
     return fn(grad)
+
+
+def scale(grad: Gradient, factor: tf.Tensor | float) -> Gradient:
+    """Multiplies a gradient by `factor` (a scalar, or a tensor that broadcasts against its values)."""
+    return map_values(lambda values: values * tf.cast(factor, values.dtype), grad)
+
+
+def scale_to_norm(norm: tf.Tensor, max_norm: tf.Tensor | float) -> tf.Tensor:
+    """The factor that brings a vector of L2 norm `norm` down to at most `max_norm` (element-wise).
+
+    Exactly 1.0 when `norm <= max_norm`, so an inactive clip leaves gradients bit-identical, and
+    also when both are 0 (an adaptive threshold can be 0), where `max_norm / max(norm, max_norm)`
+    would be 0/0.
+    """
+    norm = tf.cast(norm, tf.float32)
+    max_norm = tf.cast(max_norm, tf.float32)
+    return tf.where(norm > max_norm, max_norm / norm, tf.ones_like(norm))
 
 
 def squared_norm(grad: Gradient) -> tf.Tensor:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from typing import Any
 
-__all__ = ["check_int", "check_number", "check_bool", "check_callable"]
+__all__ = ["check_int", "check_number", "check_bool", "check_callable", "check_patterns"]
 
 
 def _received(name: str, value: Any) -> str:
@@ -34,13 +35,13 @@ def check_number(
     what = f"a number {bounds}".strip()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be {what}. {_received(name, value)}")
-    value = float(value)
-    ok = math.isfinite(value)
-    ok = ok and (gt is None or value > gt) and (ge is None or value >= ge)
-    ok = ok and (lt is None or value < lt) and (le is None or value <= le)
+    number = float(value)
+    ok = math.isfinite(number)
+    ok = ok and (gt is None or number > gt) and (ge is None or number >= ge)
+    ok = ok and (lt is None or number < lt) and (le is None or number <= le)
     if not ok:
         raise ValueError(f"`{name}` must be {what}. {_received(name, value)}")
-    return value
+    return number
 
 
 def check_int(name: str, value: Any, *, ge: int | None = None, le: int | None = None) -> int:
@@ -65,3 +66,18 @@ def check_callable(name: str, value: Any) -> Any:
     if not callable(value):
         raise TypeError(f"`{name}` must be callable. {_received(name, value)}")
     return value
+
+
+def check_patterns(name: str, value: Any) -> tuple[str, ...]:
+    """Returns a tuple or list of regular-expression strings as a tuple, after compiling each."""
+    what = "a tuple or list of str (regular expressions)"
+    if not isinstance(value, (tuple, list)) or not all(isinstance(item, str) for item in value):
+        raise TypeError(f"`{name}` must be {what}. {_received(name, value)}")
+    for position, pattern in enumerate(value):
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(
+                f"`{name}` must be {what}; {name}[{position}] is not one ({error}). {_received(name, value)}"
+            ) from None
+    return tuple(value)

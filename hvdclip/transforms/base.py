@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from hvdclip.gradients import Gradient
 
-__all__ = ["GradientTransform", "chain", "identity"]
+__all__ = ["GradientTransform", "chain", "identity", "stateless"]
 
 InitFn = Callable[[Sequence[tf.Variable]], Any]
 UpdateFn = Callable[[list[Gradient], Any, Sequence[tf.Variable]], tuple[list[Gradient], Any]]
@@ -32,18 +32,24 @@ class GradientTransform(NamedTuple):
     update: UpdateFn
 
 
-def identity() -> GradientTransform:
-    """The transform that changes nothing (what `clip=None` means)."""
+def stateless(update: UpdateFn) -> GradientTransform:
+    """A transform from an `update` that keeps no state: its `init` returns `()`."""
 
     def init(variables):
         del variables
         return ()
 
+    return GradientTransform(init, update)
+
+
+def identity() -> GradientTransform:
+    """The transform that changes nothing (what `clip=None` means)."""
+
     def update(grads, state, variables):
         del variables
         return list(grads), state
 
-    return GradientTransform(init, update)
+    return stateless(update)
 
 
 def chain(*transforms: GradientTransform) -> GradientTransform:

@@ -4,32 +4,11 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from hvdclip.gradients import dedupe, global_norm, map_values, squared_norm
-from hvdclip.transforms.base import GradientTransform
+from hvdclip.gradients import dedupe, global_norm, map_values, scale, scale_to_norm, squared_norm
+from hvdclip.transforms.base import GradientTransform, stateless
 from hvdclip.validation import check_number
 
-__all__ = ["clip_by_value", "clip_by_norm", "clip_by_global_norm", "scale_to_norm"]
-
-
-def _stateless(update) -> GradientTransform:
-    def init(variables):
-        del variables
-        return ()
-
-    return GradientTransform(init, update)
-
-
-def scale_to_norm(norm: tf.Tensor, max_norm: tf.Tensor | float) -> tf.Tensor:
-    """The factor that brings a vector of L2 norm `norm` down to at most `max_norm`.
-
-    Exactly 1.0 when `norm <= max_norm`, so an inactive clip leaves gradients bit-identical.
-    """
-    max_norm = tf.cast(max_norm, tf.float32)
-    return max_norm / tf.maximum(norm, max_norm)
-
-
-def _scale(grad, factor):
-    return map_values(lambda values: values * tf.cast(factor, values.dtype), grad)
+__all__ = ["clip_by_value", "clip_by_norm", "clip_by_global_norm"]
 
 
 def clip_by_value(clip_value: float) -> GradientTransform:
@@ -54,7 +33,7 @@ def clip_by_value(clip_value: float) -> GradientTransform:
         del variables
         return [clip(g) for g in grads], state
 
-    return _stateless(update)
+    return stateless(update)
 
 
 def clip_by_norm(max_norm: float) -> GradientTransform:
@@ -70,9 +49,9 @@ def clip_by_norm(max_norm: float) -> GradientTransform:
 
     def update(grads, state, variables):
         del variables
-        return [None if g is None else _scale(g, scale_to_norm(tf.sqrt(squared_norm(g)), max_norm)) for g in grads], state
+        return [None if g is None else scale(g, scale_to_norm(tf.sqrt(squared_norm(g)), max_norm)) for g in grads], state
 
-    return _stateless(update)
+    return stateless(update)
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransform:
@@ -89,6 +68,6 @@ def clip_by_global_norm(max_norm: float) -> GradientTransform:
     def update(grads, state, variables):
         del variables
         factor = scale_to_norm(global_norm(grads), max_norm)
-        return [_scale(g, factor) for g in grads], state
+        return [scale(g, factor) for g in grads], state
 
-    return _stateless(update)
+    return stateless(update)
