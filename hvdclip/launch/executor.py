@@ -45,9 +45,9 @@ def _set_subreaper(on: bool) -> bool:
 
 
 def _process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state letter) for every process, read from /proc."""
+    """pid -> (parent pid, state letter) for every process, read from /proc (empty without /proc)."""
     table = {}
-    for entry in os.listdir("/proc"):
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
         if not entry.isdigit():
             continue
         try:
@@ -67,7 +67,7 @@ class _JobTree:
     def __init__(self) -> None:
         self._me = os.getpid()
         self._before = {pid for pid, (ppid, _) in _process_table().items() if ppid == self._me}
-        self.leader: int | None = None  # waited for by its Popen, never reaped here
+        self.leader: subprocess.Popen | None = None  # reaped by its Popen, never here
 
     def _children(self, table: dict[int, tuple[int, str]]) -> list[int]:
         return [pid for pid, (ppid, _) in table.items() if ppid == self._me and pid not in self._before]
@@ -81,21 +81,22 @@ class _JobTree:
         return [pid for pid in found if table[pid][1] not in "ZX"]
 
     def signal(self, signum: int) -> None:
+        # The leader's own session too: without /proc (not Linux) that is all the job one can find.
+        # Only while the leader is unreaped, so that its pid cannot belong to someone else yet.
+        if self.leader is not None and self.leader.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.leader.pid, signum)
         for pid in self.pids():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
 
     def reap(self) -> None:
         """Collects the exit status of re-parented ranks, so none stays a zombie of this process."""
         table = _process_table()
         for pid in self._children(table):
-            if pid != self.leader and table[pid][1] in "ZX":
-                try:
+            if (self.leader is None or pid != self.leader.pid) and table[pid][1] in "ZX":
+                with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
 
     def stop(self, grace_s: float) -> None:
         """SIGTERM, up to `grace_s` seconds to exit, then SIGKILL for what is left."""
@@ -160,7 +161,7 @@ def run_job(
     try:
         # A session of its own: the terminal's Ctrl-C reaches the job only through `forward`.
         proc = subprocess.Popen(list(argv), env=dict(env), start_new_session=True)
-        tree.leader = proc.pid
+        tree.leader = proc
         with _forwarding_signals(tree, grace_s) as kill_at:
             while True:
                 try:
