@@ -11,7 +11,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-unit test-parallel test-launch clean lint-docker docker-gpu docker-cpu
+.PHONY: install demo bench test test-unit test-parallel test-launch clean lint-docker docker-gpu docker-cpu
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ $(STAMP): versions.env setup.py docker/install_system.sh docker/install_python.s
 
 demo: install
 	$(BIN)/hvdclip-run -np 2 --gloo -- $(PY) examples/train.py
+
+# hvdclip side by side with the alternatives (about 15 minutes on 2 cores); writes benchmarks/results/.
+bench: install
+	$(PY) -m benchmarks
 
 test: install lint-docker test-unit test-parallel test-launch
 

@@ -1,0 +1,147 @@
+"""The training loops being compared, as they run on one rank.
+
+Every loop trains the same model with the same loss, optimizer and learning rate on the same
+batches, and exposes one method, `run(steps)`, which returns once `steps` steps are done. The
+loops differ only in what the comparison is about:
+
+* `HvdClipLoop`: `HvdClipTrainer.fit`, the public path (allreduce -> clip -> apply; its step
+  returns metrics that `fit` reads every step).
+* `HandWrittenLoop`: the minimal correct Horovod loop a user could write instead.
+* `SeedLoop`: the forum answer's pattern, each tensor clipped by its own norm and every variable
+  re-broadcast from rank 0 after every step.
+* `MirroredLoop`: `tf.distribute.MultiWorkerMirroredStrategy` with the optimizer's own
+  `global_clipnorm`, TensorFlow's native alternative to Horovod.
+"""
+
+from __future__ import annotations
+
+import horovod.tensorflow as hvd
+import keras
+import tensorflow as tf
+
+import hvdclip
+from benchmarks.models import ModelSpec, dataset_for
+
+__all__ = ["CLIP_NORM", "HandWrittenLoop", "HvdClipLoop", "MirroredLoop", "SeedLoop"]
+
+CLIP_NORM = 1.0
+LEARNING_RATE = 1e-3
+
+
+def _loss_fn(**kwargs) -> keras.losses.Loss:
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, **kwargs)
+
+
+def _tf_variables(variables) -> list[tf.Variable]:
+    # Horovod 0.28.1's tape and broadcast take tf.Variables only; a Keras 3 variable wraps one as `.value`.
+    return [v.value for v in variables]
+
+
+class HvdClipLoop:
+    """hvdclip's trainer, driven through `fit` exactly as a user drives it."""
+
+    def __init__(self, spec: ModelSpec, batch_size: int, seed: int, clip: bool):
+        self.model = spec.build()
+        self.dataset = dataset_for(spec, batch_size, seed)
+        self.trainer = hvdclip.HvdClipTrainer(
+            self.model,
+            keras.optimizers.Adam(LEARNING_RATE),
+            _loss_fn(),
+            clip=hvdclip.clip_by_global_norm(CLIP_NORM) if clip else None,
+        )
+
+    def run(self, steps: int) -> None:
+        self.trainer.fit(self.dataset, epochs=1, steps_per_epoch=steps)
+
+
+class _HorovodLoop:
+    """Shared scaffolding of the two hand-written Horovod loops: build, broadcast once, iterate."""
+
+    def __init__(self, spec: ModelSpec, batch_size: int, seed: int):
+        self.model = spec.build()
+        self.optimizer = keras.optimizers.Adam(LEARNING_RATE)
+        self.loss_fn = _loss_fn()
+        self.dataset = dataset_for(spec, batch_size, seed)
+        self.step = tf.function(self._step)
+        self.started = False
+
+    def _step(self, x, y) -> tf.Tensor:
+        raise NotImplementedError
+
+    def run(self, steps: int) -> None:
+        if not self.started:
+            # Slots must exist before the broadcast so that rank 0's optimizer state reaches all ranks.
+            self.optimizer.build(self.model.trainable_variables)
+            hvd.broadcast_variables(_tf_variables(self.model.variables + self.optimizer.variables), root_rank=0)
+            self.started = True
+        loss = None
+        for x, y in self.dataset.take(steps):
+            loss = self.step(x, y)
+        float(loss)  # wait for the last step
+
+
+class HandWrittenLoop(_HorovodLoop):
+    """Tape, `DistributedGradientTape`, `tf.clip_by_global_norm`, apply: one `tf.function`."""
+
+    def _step(self, x, y) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            loss = self.loss_fn(y, self.model(x, training=True))
+        tape = hvd.DistributedGradientTape(tape)
+        grads = tape.gradient(loss, _tf_variables(self.model.trainable_variables))
+        grads, _ = tf.clip_by_global_norm(grads, CLIP_NORM)
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+        return loss
+
+
+class SeedLoop(_HorovodLoop):
+    """The seed's pattern: `tf.clip_by_norm` per tensor and `hvd.broadcast_variables` every step.
+
+    Gradients are averaged with `DistributedGradientTape` (without it the ranks would not be
+    training together at all); the seed's `MultiWorkerMirroredStrategy` scope is left out, as
+    mixing two distribution mechanisms is not something to time.
+    """
+
+    def _step(self, x, y) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            loss = self.loss_fn(y, self.model(x, training=True))
+        tape = hvd.DistributedGradientTape(tape)
+        grads = tape.gradient(loss, _tf_variables(self.model.trainable_variables))
+        grads = [tf.clip_by_norm(g, CLIP_NORM) for g in grads]
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+        hvd.broadcast_variables(_tf_variables(self.model.variables), root_rank=0)
+        return loss
+
+
+class MirroredLoop:
+    """`MultiWorkerMirroredStrategy`, a custom loop, and `Adam(global_clipnorm=...)`.
+
+    The loss is averaged over the global batch, because the strategy sums the replicas'
+    gradients. Keras 3 clips `global_clipnorm` inside `apply_gradients` *before* that sum, so this
+    clips each replica's gradient, not the reduced one: it is here for speed, not as equivalent math.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, spec: ModelSpec, batch_size: int, seed: int):
+        self.strategy = strategy
+        global_batch = batch_size * strategy.num_replicas_in_sync
+        with strategy.scope():
+            self.model = spec.build()
+            self.optimizer = keras.optimizers.Adam(LEARNING_RATE, global_clipnorm=CLIP_NORM)
+        loss_fn = _loss_fn(reduction=None)
+
+        def replica_step(x, y):
+            with tf.GradientTape() as tape:
+                per_example = loss_fn(y, self.model(x, training=True))
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            grads = tape.gradient(loss, self.model.trainable_variables)
+            self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+            return loss
+
+        self.step = tf.function(lambda x, y: strategy.run(replica_step, args=(x, y)))
+        batches = strategy.distribute_datasets_from_function(lambda context: dataset_for(spec, batch_size, seed))
+        self.batches = iter(batches)
+
+    def run(self, steps: int) -> None:
+        loss = None
+        for _ in range(steps):
+            loss = self.step(*next(self.batches))
+        float(self.strategy.experimental_local_results(loss)[0])  # wait for the last step

@@ -1,0 +1,148 @@
+"""One rank of one benchmark job: `python -m benchmarks.worker --loop NAME --out DIR ...`.
+
+The runner starts it (under `hvdclip-run`, or once per worker with `TF_CONFIG` for the
+MultiWorkerMirroredStrategy loop). For each model in turn it builds the loop, times the first
+step (model construction through the first finished step: build, start-up broadcast, tracing),
+runs the warm-up steps, times `steps` steps, and reads the process's peak RSS for that model.
+It writes `DIR/rank<r>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import sys
+import time
+
+_STARTED = time.time()  # before TensorFlow is imported: start-up cost counts from here
+
+LOOPS = ("hvdclip", "hvdclip_noclip", "handwritten", "seed", "mwms")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--loop", choices=LOOPS, required=True)
+    parser.add_argument("--model", action="append", required=True, metavar="NAME:STEPS", help="repeatable; run in order")
+    parser.add_argument("--warmup", type=int, required=True, help="untimed steps after the first one")
+    parser.add_argument("--batch-size", type=int, required=True, help="per rank")
+    parser.add_argument("--intra-op-threads", type=int, required=True)
+    parser.add_argument("--inter-op-threads", type=int, required=True)
+    parser.add_argument("--launched-at", type=float, required=True, help="time.time() when the runner started the job")
+    parser.add_argument("--out", required=True, help="directory for rank<r>.json")
+    return parser.parse_args(argv)
+
+
+def _reset_peak_rss() -> bool:
+    """Resets this process's peak-RSS mark (Linux `clear_refs`), so each model gets its own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _mirrored_strategy():
+    import tensorflow as tf
+
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=tf.distribute.experimental.CommunicationImplementation.RING
+    )
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    task = json.loads(os.environ["TF_CONFIG"])["task"]
+    return strategy, int(task["index"]), strategy.num_replicas_in_sync
+
+
+def _make_loop(name: str, spec, batch_size: int, seed: int, strategy):
+    from benchmarks import loops
+
+    if name == "mwms":
+        return loops.MirroredLoop(strategy, spec, batch_size, seed)
+    if name in ("hvdclip", "hvdclip_noclip"):
+        return loops.HvdClipLoop(spec, batch_size, seed, clip=name == "hvdclip")
+    if name == "handwritten":
+        return loops.HandWrittenLoop(spec, batch_size, seed)
+    return loops.SeedLoop(spec, batch_size, seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    import tensorflow as tf
+
+    # Before any op runs: thread pools are fixed when TensorFlow's runtime starts.
+    tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
+    import horovod
+    import keras
+
+    import hvdclip
+    from benchmarks.models import MODELS
+
+    if args.loop == "mwms":
+        strategy, rank, size = _mirrored_strategy()
+    else:
+        hvdclip.init()
+        strategy, rank, size = None, hvdclip.rank(), hvdclip.size()
+    ready = time.time()
+    seed = 1000 * rank + 7
+    # One-time costs of the process (Keras, tf.function and Horovod lazy set-up) are paid on a
+    # throwaway model, so they do not land on the first measured model's time to first step.
+    _make_loop(args.loop, MODELS["small"], args.batch_size, seed, strategy).run(2)
+
+    results = []
+    for item in args.model:
+        name, steps = item.split(":")
+        spec, steps = MODELS[name], int(steps)
+        keras.utils.set_random_seed(1234)
+        gc.collect()
+        per_model_peak = _reset_peak_rss()
+        start = time.perf_counter()
+        loop = _make_loop(args.loop, spec, args.batch_size, seed, strategy)
+        loop.run(1)
+        first_step = time.perf_counter() - start
+        if args.warmup:
+            loop.run(args.warmup)
+        start = time.perf_counter()
+        loop.run(steps)
+        elapsed = time.perf_counter() - start
+        results.append(
+            {
+                "model": name,
+                "params": int(loop.model.count_params()),
+                "steps": steps,
+                "step_s": elapsed / steps,
+                "first_step_s": first_step,
+                "peak_rss_mb": _peak_rss_mb(),
+                "peak_rss_is_per_model": per_model_peak,
+            }
+        )
+        del loop
+
+    record = {
+        "rank": rank,
+        "size": size,
+        "loop": args.loop,
+        "launch_to_ready_s": ready - args.launched_at,
+        "import_to_ready_s": ready - _STARTED,
+        "versions": {"python": sys.version.split()[0], "tensorflow": tf.__version__, "keras": keras.__version__,
+                     "horovod": horovod.__version__},
+        "threads": {"intra_op": args.intra_op_threads, "inter_op": args.inter_op_threads,
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
+        "models": results,
+    }  # fmt: skip
+    path = os.path.join(args.out, f"rank{rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
