@@ -21,13 +21,21 @@ CLIPS = {
     "norm": lambda limit: hvdclip.clip_by_norm(limit),
     "value": lambda limit: hvdclip.clip_by_value(limit),
     "none": lambda limit: None,
+    # Adaptive methods take their papers' defaults, not --clip-threshold. AGC spares the
+    # classifier (the layer named "logits"), as the NFNets paper does.
+    "agc": lambda limit: hvdclip.adaptive_grad_clip(0.01, exclude=("logits/",)),
+    "autoclip": lambda limit: hvdclip.autoclip(10),
+    "zclip": lambda limit: hvdclip.zclip(),
 }
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clip", choices=sorted(CLIPS), default="global_norm")
-    parser.add_argument("--clip-threshold", type=float, default=1.0, help="max norm, or max |value| for --clip value")
+    parser.add_argument(
+        "--clip-threshold", type=float, default=1.0,
+        help="max norm, or max |value| for --clip value; unused by agc, autoclip, zclip",
+    )
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=32, help="per rank")
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -51,7 +59,7 @@ def main():
     dataset = shard.shuffle(2048, seed=rank).batch(args.batch_size, drop_remainder=True)
 
     model = keras.Sequential(
-        [keras.Input((64,)), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10)]
+        [keras.Input((64,)), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10, name="logits")]
     )
     trainer = hvdclip.HvdClipTrainer(
         model,

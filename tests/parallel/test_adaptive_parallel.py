@@ -40,6 +40,12 @@ def fingerprints(trainer):
     )
 
 
+def engaged_steps(metrics):
+    # Steps whose norm the clip really lowered. Not `clip_active` alone: the trainer's two norms
+    # come from differently fused graphs and can differ by an ulp when nothing was clipped.
+    return [step for step, m in enumerate(metrics) if m["clipped_grad_norm"] < m["grad_norm"] * (1 - 1e-4)]
+
+
 METHODS = {
     "agc": lambda: hvdclip.adaptive_grad_clip(0.01),
     "autoclip": lambda: hvdclip.autoclip(10, history=8),  # 30 steps wrap the 8-slot ring buffer
@@ -53,7 +59,7 @@ def test_adaptive_clipping_keeps_model_optimizer_and_clip_state_identical(world,
     trainer, metrics = train(METHODS[method](), rank)
     model_sums, optimizer_sums, clip_sums = fingerprints(trainer)
     losses = allgather(np.array([m["loss"] for m in metrics]))
-    active = [step for step, m in enumerate(metrics) if m["clip_active"]]
+    active = engaged_steps(metrics)
     state = [v.numpy() for v in tf.nest.flatten(trainer.clip_state)]
 
     assert (model_sums == model_sums[0]).all(), "model variables differ between ranks"

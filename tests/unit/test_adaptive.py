@@ -400,13 +400,14 @@ def test_each_method_trains_in_the_trainer_with_state_in_variables(make_clip):
     model = make_mlp(seed=2)
     trainer = hvdclip.HvdClipTrainer(model, keras.optimizers.Adam(1e-2), keras.losses.MeanSquaredError(), clip=make_clip(model))
     x, y = make_data(seed=0, n=8 * 8)
-    active = [trainer.train_step(x[i * 8 : (i + 1) * 8], y[i * 8 : (i + 1) * 8])["clip_active"] for i in range(8)]
+    metrics = [trainer.train_step(x[i * 8 : (i + 1) * 8], y[i * 8 : (i + 1) * 8]) for i in range(8)]
     state = tf.nest.flatten(trainer.clip_state)
     assert all(isinstance(v, tf.Variable) for v in state)
     counts = [int(v.numpy()) for v in state if v.dtype == tf.int64 and v.shape == ()]
     if counts:
         assert counts[0] == 8, "the step count in the clip state advanced once per step"
-    assert any(active), "the clip should engage on this data"
+    # Not `clip_active` alone, which an ulp of difference between the trainer's two norms can set.
+    assert any(m["clipped_grad_norm"] < m["grad_norm"] * (1 - 1e-4) for m in metrics), "the clip should engage"
 
 
 # ------------------------------------------------------------------------------ arguments
