@@ -55,8 +55,8 @@ def adaptive_grad_clip(clipping: float = 0.01, eps: float = 1e-3, exclude: Seque
 
     From Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image Recognition Without
     Normalization" (ICML 2021, the NFNets paper). For every unit (one output neuron's incoming
-    weights), the gradient `g` is scaled to `clipping * max(|w|, eps) / |g|` when `|g|` exceeds
-    `clipping * max(|w|, eps)`. Units follow the paper's reference code: scalars and vectors are
+    weights), the gradient `g` is multiplied by `clipping * max(|w|, eps) / |g|` when `|g|`
+    exceeds `clipping * max(|w|, eps)`. Units follow the paper's reference code: scalars and vectors are
     one unit; 2-D kernels `[in, out]` (and 3-D ones) have one unit per output (norm over axis 0);
     convolution kernels `HWIO` one per output channel. The paper clips every layer but the final
     classifier, so pass that layer's name in `exclude`.
@@ -68,8 +68,8 @@ def adaptive_grad_clip(clipping: float = 0.01, eps: float = 1e-3, exclude: Seque
     are `None` stay `None`.
 
     Args:
-        clipping: the largest allowed ratio of gradient norm to weight norm per unit; the paper
-            uses 0.01 to 0.16, smaller for larger batches.
+        clipping: the largest allowed ratio of gradient norm to weight norm per unit. 0.01 is
+            the paper's value at batch size 4096; it found that larger batches need smaller values.
         eps: weight norms below `eps` count as `eps`, so zero-initialised weights (biases) can
             still move.
         exclude: regular expressions; a variable whose Keras `path` (e.g.
