@@ -11,6 +11,8 @@ __all__ = [
     "LauncherError",
     "RankMismatchError",
     "NonFiniteGradientError",
+    "CheckpointError",
+    "OutputDirectoryError",
 ]
 
 
@@ -32,3 +34,11 @@ class RankMismatchError(HvdClipError):
 
 class NonFiniteGradientError(HvdClipError):
     """Too many consecutive steps had a non-finite reduced gradient."""
+
+
+class CheckpointError(HvdClipError):
+    """A checkpoint cannot be restored: none found, unreadable, or saved from a different trainer."""
+
+
+class OutputDirectoryError(HvdClipError):
+    """A directory hvdclip writes to (checkpoints, TensorBoard logs, an exported model) is not writable."""

@@ -1,0 +1,237 @@
+"""Callbacks for `HvdClipTrainer.fit`: the interface, a progress bar and early stopping.
+
+Every rank runs every callback with the same arguments at the same point of the loop. Epoch logs
+are averaged over ranks, so a decision based on them (stop now) is the same everywhere. Callbacks
+that write (progress bar, TensorBoard, checkpoints) do so on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import keras
+
+from hvdclip.rank_zero import is_rank_zero
+from hvdclip.step_logs import RunningMeans, display_name
+from hvdclip.validation import check_int, check_number
+
+__all__ = ["Callback", "CallbackList", "ProgressBar", "EarlyStopping"]
+
+
+class Callback:
+    """Base class: override the hooks you need.
+
+    Attributes:
+        trainer: the `HvdClipTrainer` running `fit`; set `trainer.stop_training = True` to stop
+            after the current epoch (ranks agree: if any rank asks, all stop).
+        params: `{"epochs": ..., "steps": ..., "verbose": ...}`, `steps` being steps per epoch.
+
+    Hooks:
+        on_train_begin(logs): before the first step (after a restore, if any).
+        on_epoch_begin(epoch, logs): `logs["first_step"]` is the step the epoch starts at
+            (not 0 when resuming mid-epoch).
+        on_step_end(step, logs): `step` is the trainer's global step count after this step;
+            `logs` maps each step metric to a scalar tensor on the device (reading one with
+            `float()` waits for the device, so do it only when needed) and holds `samples`, the
+            number of examples this rank's batch had.
+        on_epoch_end(epoch, logs): `logs` maps each metric to a Python float, averaged over the
+            epoch's steps and over ranks, plus `val_*` metrics when `fit` has `validation_data`.
+        on_train_end(logs): after the last epoch, with the last epoch's logs.
+
+    Example:
+        >>> class PrintNorm(hvdclip.Callback):
+        ...     def on_epoch_end(self, epoch, logs):
+        ...         if hvdclip.rank() == 0:
+        ...             print(epoch, logs["grad_norm"])
+    """
+
+    trainer: Any = None
+    params: dict = {}
+
+    def set_trainer(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def set_params(self, params: dict) -> None:
+        self.params = params
+
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        pass
+
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        pass
+
+    def on_step_end(self, step: int, logs: Mapping[str, Any]) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, float]) -> None:
+        pass
+
+    def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
+        pass
+
+
+class CallbackList:
+    """Calls each hook on every callback, in the order given."""
+
+    def __init__(self, callbacks: Sequence[Callback], trainer: Any, params: dict) -> None:
+        self.callbacks = list(callbacks)
+        for callback in self.callbacks:
+            callback.set_trainer(trainer)
+            callback.set_params(params)
+
+    @staticmethod
+    def checked(callbacks: Any) -> list[Callback]:
+        """Validates `fit`'s `callbacks=` argument."""
+        if callbacks is None:
+            return []
+        if isinstance(callbacks, Callback) or not isinstance(callbacks, (list, tuple)):
+            raise TypeError(f"`callbacks` must be a list of hvdclip.Callback objects. Received: callbacks={callbacks!r}")
+        for position, callback in enumerate(callbacks):
+            if not isinstance(callback, Callback):
+                raise TypeError(
+                    "`callbacks` must be a list of hvdclip.Callback objects (Keras callbacks do not fit "
+                    f"this trainer's loop). Received: callbacks[{position}]={callback!r}"
+                )
+        return list(callbacks)
+
+    def on_train_begin(self, logs=None):
+        for callback in self.callbacks:
+            callback.on_train_begin(logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for callback in self.callbacks:
+            callback.on_epoch_begin(epoch, logs)
+
+    def on_step_end(self, step, logs):
+        for callback in self.callbacks:
+            callback.on_step_end(step, logs)
+
+    def on_epoch_end(self, epoch, logs):
+        for callback in self.callbacks:
+            callback.on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs=None):
+        for callback in self.callbacks:
+            callback.on_train_end(logs)
+
+
+# What the progress bar shows during an epoch; at its end it adds the validation metrics.
+_SHOWN = ("loss", "grad_norm", "clip_active")
+
+
+class ProgressBar(Callback):
+    """A Keras `Progbar` on rank 0: loss, gradient norm, clip rate and steps/s; silent elsewhere.
+
+    `fit(verbose=1)` adds one; `verbose=2` prints one line per epoch instead of a live bar.
+    The loss shown during an epoch is rank 0's running mean; the line at the end of the epoch
+    shows the epoch's means over all ranks. Metrics are read from the device only when the bar
+    is redrawn (at most every `interval` seconds), not at every step.
+
+    Args:
+        verbose: 1 for a live bar, 2 for one line per epoch.
+        interval: minimum seconds between redraws of the live bar.
+    """
+
+    def __init__(self, verbose: int = 1, interval: float = 0.05) -> None:
+        self.verbose = check_int("verbose", verbose, ge=1, le=2)
+        self.interval = check_number("interval", interval, ge=0)
+        self._bar: keras.utils.Progbar | None = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not is_rank_zero():
+            return
+        print(f"Epoch {epoch + 1}/{self.params['epochs']}", file=sys.stdout, flush=True)
+        self._bar = keras.utils.Progbar(self.params["steps"], verbose=self.verbose, stateless_metrics=[])
+        self._done = (logs or {}).get("first_step", 0)
+        self._run = 0
+        self._means = RunningMeans()
+        self._epoch_start = self._last_draw = self._last_step = time.perf_counter()
+
+    def on_step_end(self, step, logs):
+        if self._bar is None:
+            return
+        self._means.add(logs)
+        self._done += 1
+        self._run += 1
+        now = self._last_step = time.perf_counter()
+        if self.verbose == 1 and now - self._last_draw >= self.interval:
+            self._last_draw = now
+            self._bar.update(self._done, self._values(self._means.means()), finalize=False)
+
+    def on_epoch_end(self, epoch, logs):
+        if self._bar is None:
+            return
+        values = self._values(logs)
+        values += [(name, value) for name, value in logs.items() if name.startswith("val_")]
+        self._bar.update(self.params["steps"], values, finalize=True)
+        self._bar = None
+
+    def _values(self, means: Mapping[str, float]) -> list[tuple[str, float]]:
+        values = [(display_name(name), means[name]) for name in _SHOWN if name in means]
+        elapsed = self._last_step - self._epoch_start  # Training steps only, not validation.
+        values.append(("steps/s", self._run / elapsed if elapsed > 0 else 0.0))
+        return values
+
+
+class EarlyStopping(Callback):
+    """Stops `fit` when a monitored epoch metric has stopped improving, on every rank together.
+
+    The epoch logs it reads are averaged over ranks (training metrics over all ranks' steps,
+    validation metrics over all ranks' examples), so every rank makes the same decision.
+
+    Args:
+        monitor: an epoch-log key, such as `"val_loss"` (needs `validation_data`) or `"loss"`.
+        min_delta: the least change that counts as an improvement.
+        patience: epochs without improvement to tolerate; the next one stops training
+            (`patience=0` stops at the first epoch that does not improve).
+        mode: `"min"` (lower is better), `"max"`, or `"auto"`: `"max"` for accuracy and AUC
+            metrics, else `"min"`.
+
+    Example:
+        >>> stop = hvdclip.EarlyStopping(monitor="val_loss", patience=3)
+        >>> trainer.fit(train, epochs=100, validation_data=val, callbacks=[stop])
+    """
+
+    def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0, mode: str = "auto") -> None:
+        if not isinstance(monitor, str) or not monitor:
+            raise TypeError(f"`monitor` must be the name of an epoch metric, e.g. 'val_loss'. Received: monitor={monitor!r}")
+        self.monitor = monitor
+        self.min_delta = abs(check_number("min_delta", min_delta))
+        self.patience = check_int("patience", patience, ge=0)
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"`mode` must be one of 'auto', 'min', 'max'. Received: mode={mode!r}")
+        if mode == "auto":
+            mode = "max" if any(word in monitor for word in ("acc", "auc")) else "min"
+        self.mode = mode
+        self.stopped_epoch: int | None = None
+
+    def on_train_begin(self, logs=None):
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.wait = 0
+        self.stopped_epoch = None
+
+    def _improved(self, value: float) -> bool:
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def on_epoch_end(self, epoch, logs):
+        if self.monitor not in logs:
+            raise ValueError(
+                f"`monitor` names no epoch metric: {self.monitor!r} is not among {sorted(logs)} "
+                "(`val_*` metrics need `validation_data`). "
+                f"Received: monitor={self.monitor!r}"
+            )
+        value = logs[self.monitor]
+        if not math.isnan(value) and self._improved(value):
+            self.best = value
+            self.wait = 0
+            return
+        self.wait += 1
+        if self.wait > self.patience:
+            self.stopped_epoch = epoch
+            self.trainer.stop_training = True

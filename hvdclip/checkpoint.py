@@ -1,0 +1,154 @@
+"""Checkpoints of a trainer's whole state, written by rank 0 with `tf.train.CheckpointManager`.
+
+A checkpoint holds exactly what the start-up broadcast sends, in the same order: the model's
+variables (weights, and the seed state of layers such as `Dropout`), the optimizer's (iteration
+count, learning rate, slots), the clip transform's state, and the counters (skipped steps, `fit`'s
+step and epoch counters and its shuffle RNG). Variables are stored by position, not by Keras'
+auto-generated names ("dense_3"), so a checkpoint restores into a freshly built copy of the model
+in another process; a structural difference is reported by the first variable that differs.
+
+Writes are atomic at the level that matters: TensorFlow writes a checkpoint's files under a
+temporary name and renames them, and the manager then updates the `checkpoint` index file
+(itself written to a temporary file and renamed). `latest` reads that index, so a crash during a
+save leaves the previous checkpoint as the latest one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import tensorflow as tf
+
+from hvdclip.callbacks import Callback
+from hvdclip.errors import CheckpointError
+from hvdclip.rank_zero import is_rank_zero, on_rank_zero, writable_directory
+from hvdclip.validation import check_int
+
+__all__ = ["CheckpointSaver", "Named", "latest", "read"]
+
+# [(label shown in errors, variable)], in the order of the trainer's start-up broadcast.
+Named = Sequence[tuple[str, tf.Variable]]
+
+
+def _checkpoint(named: Named) -> tf.train.Checkpoint:
+    # The labels are saved too, only to name the checkpoint's side of a mismatch.
+    labels = tf.Variable([label for label, _ in named], dtype=tf.string, trainable=False)
+    return tf.train.Checkpoint(state=[variable for _, variable in named], labels=labels)
+
+
+def _key(index: int) -> str:
+    return f"state/{index}/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+_LABELS_KEY = "labels/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def latest(path: str | os.PathLike) -> str | None:
+    """The checkpoint `path` names: the latest in a directory, or `path` itself if it is a prefix."""
+    path = os.fspath(path)
+    if tf.io.gfile.isdir(path):
+        return tf.train.latest_checkpoint(path)
+    return path if tf.io.gfile.exists(path + ".index") else None
+
+
+def _check_fits(named: Named, prefix: str) -> None:
+    """Raises `CheckpointError` naming the first variable whose presence, shape or dtype differs."""
+    reader = tf.train.load_checkpoint(prefix)
+    shapes = reader.get_variable_to_shape_map()
+    dtypes = reader.get_variable_to_dtype_map()
+    labels = [label.decode() for label in reader.get_tensor(_LABELS_KEY)] if _LABELS_KEY in shapes else []
+    ours = [(label, tuple(variable.shape), variable.dtype) for label, variable in named]
+    theirs = []
+    while _key(len(theirs)) in shapes:
+        index = len(theirs)
+        label = labels[index] if index < len(labels) else "?"
+        theirs.append((label, tuple(shapes[_key(index)]), dtypes[_key(index)]))
+    if [entry[1:] for entry in ours] == [entry[1:] for entry in theirs]:
+        return
+
+    first = next(
+        i for i in range(max(len(ours), len(theirs))) if i >= min(len(ours), len(theirs)) or ours[i][1:] != theirs[i][1:]
+    )
+
+    def side(entries: list) -> str:
+        if first >= len(entries):
+            return "nothing"
+        label, shape, dtype = entries[first]
+        return f"{label!r} {shape} {dtype.name}"
+
+    count = f"it has {len(theirs)} variables and this trainer {len(ours)}; " if len(ours) != len(theirs) else ""
+    raise CheckpointError(
+        f"Checkpoint {prefix!r} does not fit this trainer: {count}variable #{first} is {side(ours)} here but "
+        f"{side(theirs)} in the checkpoint. Was it saved from a different model, optimizer or clip transform? "
+        "Build the same ones to restore it."
+    )
+
+
+def read(named: Named, path: str | os.PathLike, *, missing_ok: bool = False) -> str | None:
+    """Loads the checkpoint at `path` into the `named` variables (call on rank 0); returns its prefix.
+
+    Returns None if there is no checkpoint and `missing_ok`; raises `CheckpointError` if there is
+    none otherwise, or if it does not fit (naming the mismatched variable), or cannot be read.
+    """
+    prefix = latest(path)
+    if prefix is None:
+        if missing_ok:
+            return None
+        raise CheckpointError(
+            f"No checkpoint at {os.fspath(path)!r}: expected a directory written by hvdclip.CheckpointSaver "
+            "or a checkpoint prefix such as 'ckpts/ckpt-100'. Pass missing_ok=True to start fresh instead."
+        )
+    try:
+        _check_fits(named, prefix)
+        status = _checkpoint(named).read(prefix)
+        status.assert_existing_objects_matched().expect_partial()
+    except tf.errors.OpError as error:
+        raise CheckpointError(f"Checkpoint {prefix!r} cannot be read: {error.message}") from None
+    return prefix
+
+
+class CheckpointSaver(Callback):
+    """Saves the trainer's whole state at the end of every epoch, and every n steps if asked.
+
+    Rank 0 writes, with `tf.train.CheckpointManager` (files `ckpt-<global step>.*`, keeping the
+    newest `max_to_keep`); other ranks write nothing. `trainer.restore(directory)` resumes from
+    the latest one. If rank 0 cannot create or write `directory`, every rank raises
+    `OutputDirectoryError` before the first step.
+
+    Args:
+        directory: where checkpoints go.
+        every_n_steps: also save after every this many global steps; None saves at epoch ends only.
+        max_to_keep: the newest checkpoints to keep; older ones are deleted.
+
+    Example:
+        >>> trainer.restore("ckpts", missing_ok=True)      # resume if a checkpoint exists
+        >>> trainer.fit(dataset, epochs=10, callbacks=[hvdclip.CheckpointSaver("ckpts")])
+    """
+
+    def __init__(self, directory: str | os.PathLike, every_n_steps: int | None = None, max_to_keep: int = 3) -> None:
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"`directory` must be a path. Received: directory={directory!r}")
+        self.directory = os.fspath(directory)
+        self.every_n_steps = None if every_n_steps is None else check_int("every_n_steps", every_n_steps, ge=1)
+        self.max_to_keep = check_int("max_to_keep", max_to_keep, ge=1)
+        self._manager: tf.train.CheckpointManager | None = None
+        self.saved: list[str] = []
+
+    def on_train_begin(self, logs=None):
+        on_rank_zero(lambda: writable_directory(self.directory, "directory"), name="checkpoint_directory")
+        if is_rank_zero():
+            checkpoint = _checkpoint(self.trainer._named_state_variables())
+            self._manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=self.max_to_keep)
+
+    def on_step_end(self, step, logs):
+        if self.every_n_steps is not None and step % self.every_n_steps == 0:
+            self._save(step)
+
+    def on_epoch_end(self, epoch, logs):
+        self._save(int(self.trainer.global_step.numpy()))
+
+    def _save(self, step: int) -> None:
+        # Every rank waits for rank 0's write, so a failed write raises everywhere instead of hanging.
+        saved = on_rank_zero(lambda: self._manager.save(checkpoint_number=step), name="checkpoint_save")
+        self.saved.append(saved)

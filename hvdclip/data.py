@@ -1,0 +1,104 @@
+"""Input pipelines for `fit` and `evaluate`: each rank's part of a `tf.data.Dataset`.
+
+The order is shard -> shuffle -> batch. Sharding first means the shards are disjoint whatever the
+shuffle seeds are, as long as every rank builds the *same* dataset in the same order (a fixed
+file list, or a `shuffle` with a fixed seed). Shuffling after sharding reorders each rank's own
+part every epoch, with a seed drawn from the trainer's checkpointed RNG. (`tf.data` combines that
+seed with TensorFlow's global seed, so a resumed job must set the global seed as the original did,
+which running the same script does.)
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import tensorflow as tf
+
+from hvdclip.validation import check_bool, check_int
+
+__all__ = ["InputPlan", "batch_size_of"]
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """How to turn the dataset given to `fit`/`evaluate` into this rank's batches.
+
+    Attributes:
+        dataset: what the user passed: `(x, y)` batches, or single examples when `batch_size` is set.
+        rank, size: this rank and the number of ranks.
+        shard: keep every `size`-th element, starting at `rank`; False when each rank already
+            reads its own part.
+        batch_size: batch single examples into batches of this many, per rank; None when
+            `dataset` is already batched.
+        drop_remainder: drop each rank's last, smaller batch (training: every step has the same
+            batch size).
+        shuffle_buffer: shuffle this rank's elements with a buffer of this many, reseeded each
+            epoch; None for no shuffling.
+    """
+
+    dataset: tf.data.Dataset
+    rank: int
+    size: int
+    shard: bool = True
+    batch_size: int | None = None
+    drop_remainder: bool = True
+    shuffle_buffer: int | None = None
+
+    @classmethod
+    def checked(cls, argument: str, dataset: Any, *, rank: int, size: int, shard: Any = True,
+                batch_size: Any = None, drop_remainder: bool = True, shuffle_buffer: Any = None) -> InputPlan:
+        """Validates the user's arguments (`argument` is the dataset's parameter name)."""
+        if not isinstance(dataset, tf.data.Dataset):
+            what = "(x, y) examples" if batch_size is not None else "(x, y) batches"
+            raise TypeError(f"`{argument}` must be a tf.data.Dataset of {what}. Received: {argument}={dataset!r}")
+        check_bool("shard", shard)
+        if batch_size is not None:
+            check_int("batch_size", batch_size, ge=1)
+        if shuffle_buffer is not None:
+            check_int("shuffle_buffer", shuffle_buffer, ge=1)
+        return cls(dataset, rank, size, shard, batch_size, drop_remainder, shuffle_buffer)
+
+    def for_epoch(self, seed: int | None = None) -> tf.data.Dataset:
+        """This rank's batches for one epoch; `seed` reseeds the shuffle (same seed, same order)."""
+        dataset = self.dataset
+        if self.shard and self.size > 1:
+            dataset = dataset.shard(self.size, self.rank)
+        if self.shuffle_buffer is not None:
+            dataset = dataset.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+        if self.batch_size is not None:
+            dataset = dataset.batch(self.batch_size, drop_remainder=self.drop_remainder)
+        return dataset
+
+    def sample_batch(self) -> Any:
+        """The first batch's `x` (unshuffled), to build a model that creates its weights on first call."""
+        dataset = self.dataset if self.batch_size is None else self.dataset.batch(self.batch_size)
+        for x, _ in dataset.take(1):
+            return x
+        raise ValueError("`dataset` is empty, so there is nothing to train or evaluate on.")
+
+    def warn_if_uneven(self) -> None:
+        """Warns when the ranks' shards differ in length (call it on one rank only).
+
+        Every rank runs the shortest shard's number of steps, or an allreduce would wait forever,
+        so the longer shards' last elements are skipped each epoch.
+        """
+        total = int(self.dataset.cardinality())
+        if not self.shard or self.size == 1 or total < 0 or total % self.size == 0:
+            return
+        unit = "examples" if self.batch_size is not None else "batches"
+        short, extra = divmod(total, self.size)
+        warnings.warn(
+            f"`dataset` has {total} {unit}, which {self.size} ranks cannot split evenly: {extra} rank(s) get "
+            f"{short + 1} and the others {short}. Every rank runs as many steps as the shortest shard allows, "
+            f"so up to {extra} {unit} are skipped each epoch; a length divisible by {self.size} uses them all.",
+            stacklevel=4,
+        )
+
+
+def batch_size_of(x: Any) -> int:
+    """The leading dimension of a batch `x` (the first tensor if `x` is a nest); no host sync."""
+    first = tf.nest.flatten(x)[0]
+    size = first.shape[0]
+    return int(size) if size is not None else int(tf.shape(first)[0])

@@ -1,0 +1,50 @@
+"""Where `fit` is in a run, and its random state: the counters a checkpoint needs to resume exactly.
+
+They are `tf.Variable`s, so the start-up broadcast makes them identical on every rank and a
+checkpoint saves and restores them with the model.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from hvdclip import horovod_bridge
+
+__all__ = ["FitState"]
+
+
+class FitState:
+    """Counters and RNG of the training loop.
+
+    Attributes:
+        global_step: steps run by `fit` over the trainer's life, skipped steps included.
+        epoch: the epoch `fit` is in (0-based), or the number done once it has finished.
+        epoch_step: steps done in that epoch.
+        shuffle_seed: the seed the current epoch's shuffle used (kept to resume mid-epoch).
+        seed_generator: the RNG that draws each epoch's shuffle seed. Created from Keras' global
+            seed (`keras.utils.set_random_seed`), if one is set; rank 0's state is broadcast.
+        resume_pending: `restore` loaded a checkpoint; the next `fit` continues from it.
+    """
+
+    def __init__(self) -> None:
+        def counter(name: str) -> tf.Variable:
+            return tf.Variable(0, dtype=tf.int64, trainable=False, name=f"hvdclip_{name}")
+
+        self.global_step = counter("global_step")
+        self.epoch = counter("epoch")
+        self.epoch_step = counter("epoch_step")
+        self.shuffle_seed = counter("shuffle_seed")
+        self.seed_generator = keras.random.SeedGenerator(name="hvdclip_shuffle_seed_generator")
+        self.resume_pending = False
+
+    @property
+    def variables(self) -> list[tf.Variable]:
+        rng_state = horovod_bridge.as_tf_variables([self.seed_generator.state])
+        return [self.global_step, self.epoch, self.epoch_step, self.shuffle_seed, *rng_state]
+
+    def new_shuffle_seed(self) -> int:
+        """Draws the next epoch's shuffle seed (the same on every rank, whose RNG states agree)."""
+        seed = keras.random.randint((), 0, 2**31 - 1, seed=self.seed_generator, dtype="int32")
+        self.shuffle_seed.assign(tf.cast(seed, tf.int64))
+        return int(seed)

@@ -1,0 +1,119 @@
+"""The `fit` loop: epochs of agreed length over each rank's shard, callbacks, validation, resume.
+
+Per epoch, on every rank, in lock-step:
+
+    shard -> shuffle (seed from the checkpointed RNG) -> batch -> steps -> epoch means over ranks
+    -> validation over all ranks' shards -> callbacks -> agree whether to stop
+
+Every collective here (step allreduces, epoch means, validation, the stop vote) runs the same
+number of times on every rank, because every rank runs the agreed number of steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import horovod.tensorflow as hvd
+import tensorflow as tf
+
+from hvdclip import runtime
+from hvdclip.callbacks import CallbackList, ProgressBar
+from hvdclip.data import InputPlan, batch_size_of
+from hvdclip.evaluation import Evaluator, check_metrics
+from hvdclip.step_logs import RunningMeans
+from hvdclip.validation import check_int
+
+__all__ = ["fit"]
+
+
+def _agree_to_stop(wanted: bool) -> bool:
+    """True on every rank if any rank's callbacks asked to stop."""
+    vote = hvd.allreduce(tf.constant(int(bool(wanted)), tf.int32), op=hvd.Max, name="hvdclip_stop_training")
+    return bool(int(vote) > 0)
+
+
+def fit(
+    trainer: Any,
+    dataset: Any,
+    *,
+    epochs: Any,
+    steps_per_epoch: Any,
+    batch_size: Any,
+    shuffle_buffer: Any,
+    shard: Any,
+    validation_data: Any,
+    validation_metrics: Any,
+    callbacks: Any,
+    verbose: Any,
+    history: Any,
+) -> None:
+    """Runs `HvdClipTrainer.fit` (whose docstring describes the arguments), filling `history`."""
+    runtime.require_initialized("HvdClipTrainer.fit")
+    rank, size = hvd.rank(), hvd.size()
+    plan = InputPlan.checked(
+        "dataset", dataset, rank=rank, size=size, shard=shard, batch_size=batch_size, shuffle_buffer=shuffle_buffer
+    )
+    epochs = check_int("epochs", epochs, ge=1)
+    if steps_per_epoch is not None:
+        steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, ge=1)
+    validation = None
+    if validation_data is not None:
+        validation = InputPlan.checked(
+            "validation_data", validation_data, rank=rank, size=size, shard=shard, batch_size=batch_size,
+            drop_remainder=False,
+        )
+    metrics = check_metrics("validation_metrics", validation_metrics)
+    if metrics and validation is None:
+        raise ValueError(f"`validation_metrics` needs `validation_data`. Received: validation_metrics={metrics!r}")
+    user_callbacks = CallbackList.checked(callbacks)
+    verbose = check_int("verbose", verbose, ge=0, le=2)
+
+    steps = trainer._agreed_steps(plan.for_epoch(), steps_per_epoch)
+    if rank == 0:
+        plan.warn_if_uneven()
+    trainer._start_on(plan)
+    state = trainer._fit_state
+    if state.resume_pending:
+        state.resume_pending = False
+    else:
+        state.epoch.assign(0)
+        state.epoch_step.assign(0)
+    start_epoch, start_step = int(state.epoch.numpy()), int(state.epoch_step.numpy())
+    global_step = int(state.global_step.numpy())
+
+    progress = [ProgressBar(verbose)] if verbose else []
+    hooks = CallbackList(progress + user_callbacks, trainer, {"epochs": epochs, "steps": steps, "verbose": verbose})
+    evaluate = Evaluator(trainer, metrics) if validation is not None else None
+    trainer.stop_training = False
+    logs: dict[str, float] = {}
+    names: set[str] = set()
+
+    hooks.on_train_begin()
+    for epoch in range(start_epoch, epochs):
+        first = start_step if epoch == start_epoch else 0
+        # A resumed epoch reuses its seed, so it continues the same order where it stopped.
+        seed = state.new_shuffle_seed() if first == 0 else int(state.shuffle_seed.numpy())
+        hooks.on_epoch_begin(epoch, {"first_step": first})
+        means = RunningMeans()
+        for x, y in plan.for_epoch(seed).take(steps).skip(first):
+            metrics_now = trainer._run_step(x, y)
+            global_step += 1
+            state.global_step.assign_add(1)
+            state.epoch_step.assign_add(1)
+            means.add(metrics_now)
+            hooks.on_step_end(global_step, {**metrics_now, "samples": batch_size_of(x)})
+        state.epoch.assign_add(1)
+        state.epoch_step.assign(0)
+
+        names |= means.names  # The same on every rank: all ran the same steps.
+        logs = means.rank_means(sorted(names))
+        if evaluate is not None:
+            logs.update({f"val_{name}": value for name, value in evaluate(validation.for_epoch()).items()})
+        hooks.on_epoch_end(epoch, logs)
+        for name, value in logs.items():
+            history.history.setdefault(name, []).append(value)
+        history.epochs.append(epoch)
+        if _agree_to_stop(trainer.stop_training):
+            trainer.stop_training = True
+            break
+    hooks.on_train_end(logs)
