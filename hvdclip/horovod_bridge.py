@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
-__all__ = ["as_tf_variables", "broadcast_from_root", "compression_for", "allreduce_dense"]
+__all__ = ["as_tf_variables", "broadcast_from_root", "compression_for", "allreduce_gradients"]
 
 _COMPRESSIONS = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
 
@@ -49,16 +49,44 @@ def compression_for(name: str | None):
     return _COMPRESSIONS[key]
 
 
-def allreduce_dense(grads: Sequence, compression=hvd.Compression.none) -> list:
-    """Averages dense gradients over ranks in one grouped (fused) allreduce; `None` stays `None`.
+def allreduce_gradients(
+    grads: Sequence,
+    *,
+    compression=hvd.Compression.none,
+    sparse_as_dense: bool = False,
+    name: str = "hvdclip_grads",
+) -> list:
+    """Averages a gradient list over ranks; `None` stays `None`.
 
-    For gradients that were not produced by `hvd.DistributedGradientTape` (accumulated sums).
+    The same reduction as `hvd.DistributedGradientTape`: one grouped (fused) allreduce with
+    `op=Average` for dense gradients, and an allgather of rows (values divided by the world size)
+    for `tf.IndexedSlices` unless `sparse_as_dense`. The difference is naming. Horovod matches
+    collectives across ranks *by name*, and in a compiled step its default names come from the
+    gradient tensors' names, which carry Keras layer names. Keras numbers auto-named layers per
+    process (`dense_9` on one rank, `dense_10` on a rank that built one more layer elsewhere),
+    so default names can differ between ranks, and each rank then waits forever for a tensor the
+    other never sends. Here every collective is named by the gradient's position in the list,
+    which the start-up structure check guarantees is the same everywhere.
     """
-    present = [i for i, g in enumerate(grads) if g is not None]
-    if not present:
-        return list(grads)
-    reduced = hvd.grouped_allreduce([grads[i] for i in present], op=hvd.Average, compression=compression)
     out = list(grads)
-    for i, value in zip(present, reduced):
-        out[i] = value
+    world = hvd.size()
+    if world == 1:
+        return out
+    dense_positions, dense = [], []
+    for position, grad in enumerate(grads):
+        if grad is None:
+            continue
+        if isinstance(grad, tf.IndexedSlices) and not sparse_as_dense:
+            values = hvd.allgather(grad.values, name=f"{name}_{position}_values", ignore_name_scope=True)
+            indices = hvd.allgather(grad.indices, name=f"{name}_{position}_indices", ignore_name_scope=True)
+            out[position] = tf.IndexedSlices(values / tf.cast(world, values.dtype), indices, grad.dense_shape)
+        else:
+            dense_positions.append(position)
+            dense.append(tf.convert_to_tensor(grad))
+    if dense:
+        reduced = hvd.grouped_allreduce(
+            dense, op=hvd.Average, compression=compression, name=f"{name}_dense", ignore_name_scope=True
+        )
+        for position, value in zip(dense_positions, reduced):
+            out[position] = value
     return out

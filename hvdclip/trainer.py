@@ -11,7 +11,8 @@ gradient the same way, so ranks stay bit-identical without re-broadcasting weigh
 
 from __future__ import annotations
 
-import math
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,9 +21,15 @@ import horovod.tensorflow as hvd
 import keras
 import tensorflow as tf
 
-from hvdclip import horovod_bridge, runtime
-from hvdclip.errors import NonFiniteGradientError
+from hvdclip import consistency, horovod_bridge, runtime
+from hvdclip.checkpoint import read as read_checkpoint
+from hvdclip.data import InputPlan
+from hvdclip.errors import CheckpointError, NonFiniteGradientError
+from hvdclip.evaluation import Evaluator, check_metrics
+from hvdclip.fit_state import FitState
+from hvdclip.fitting import fit as run_fit
 from hvdclip.gradients import dedupe, global_norm, map_values, sum_of_squares
+from hvdclip.rank_zero import on_rank_zero, writable_directory
 from hvdclip.transforms.base import GradientTransform, identity
 from hvdclip.validation import check_bool, check_callable, check_int
 
@@ -35,6 +42,21 @@ class History:
 
     history: dict[str, list[float]] = field(default_factory=dict)
     epochs: list[int] = field(default_factory=list)
+
+
+def _changed(before: Any, after: Any) -> tf.Tensor:
+    """Whether a transform changed one gradient (a scalar bool tensor)."""
+    if after is None or isinstance(before, tf.IndexedSlices) != isinstance(after, tf.IndexedSlices):
+        return tf.constant(True)  # Dropped, or turned dense/sparse: certainly changed.
+    if not isinstance(before, tf.IndexedSlices):
+        return tf.reduce_any(tf.not_equal(before, after))
+    same_rows = tf.reduce_all(tf.equal(tf.shape(before.values), tf.shape(after.values)))
+    return tf.cond(
+        same_rows,
+        lambda: tf.reduce_any(tf.not_equal(before.values, after.values))
+        | tf.reduce_any(tf.not_equal(before.indices, after.indices)),
+        lambda: tf.constant(True),
+    )
 
 
 class HvdClipTrainer:
@@ -54,6 +76,8 @@ class HvdClipTrainer:
         sparse_as_dense: allreduce embedding gradients as dense tensors instead of allgathering
             their rows.
         compression: `"fp16"` halves allreduce traffic (gradients are cast back after); `None`.
+        check_consistency_every: every this many steps, allgather one checksum of the weights and
+            raise `RankMismatchError` if ranks have drifted apart; `None` never checks.
         accumulation_steps: sum the local gradients of this many consecutive `train_step` calls
             (micro-batches), then allreduce, clip and apply once. The calls in between report only
             `loss`.
@@ -83,6 +107,7 @@ class HvdClipTrainer:
         sparse_as_dense: bool = False,
         compression: str | None = None,
         accumulation_steps: int = 1,
+        check_consistency_every: int | None = None,
     ) -> None:
         if not isinstance(model, keras.Model):
             raise TypeError(f"`model` must be a keras.Model (Keras 3). Received: model={model!r}")
@@ -114,12 +139,17 @@ class HvdClipTrainer:
         self._sparse_as_dense = check_bool("sparse_as_dense", sparse_as_dense)
         self._compression = horovod_bridge.compression_for(compression)
         self._accumulation_steps = check_int("accumulation_steps", accumulation_steps, ge=1)
+        if check_consistency_every is not None:
+            check_int("check_consistency_every", check_consistency_every, ge=1)
+        self._check_every = check_consistency_every
+        self._calls = 0
         runtime.require_initialized("HvdClipTrainer")
 
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.clip = clip if clip is not None else identity()
+        self._clipping = clip is not None
 
         self._built = False
         self._started = False
@@ -130,9 +160,13 @@ class HvdClipTrainer:
         self._compiled_step = tf.function(self._step, reduce_retracing=True)
         self._compiled_accumulate = tf.function(self._accumulate, reduce_retracing=True)
         self._compiled_accumulated_step = tf.function(self._accumulated_step, reduce_retracing=True)
+        self._compiled_checksum = tf.function(
+            lambda: consistency.weights_checksum(horovod_bridge.as_tf_variables(self.model.variables))
+        )
         # Counters live in variables so that a compiled step can update them without a host sync.
         self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="hvdclip_skipped_steps")
         self._consecutive_skips = tf.Variable(0, dtype=tf.int64, trainable=False, name="hvdclip_consecutive_skips")
+        self._fit_state = FitState()  # fit's step/epoch counters and shuffle RNG, broadcast and checkpointed.
 
     # ------------------------------------------------------------------ start-up
 
@@ -146,13 +180,19 @@ class HvdClipTrainer:
         """The clip transform's state, as the nest of `tf.Variable`s the trainer owns."""
         return self._clip_state
 
+    def _named_state_variables(self) -> list[tuple[str, tf.Variable]]:
+        """Everything that must be identical on every rank, named, as Horovod-ready `tf.Variable`s."""
+        named = [(f"model/{v.path}", tv) for v, tv in zip(self.model.variables, horovod_bridge.as_tf_variables(self.model.variables))]
+        named += [
+            (f"optimizer/{v.path}", tv)
+            for v, tv in zip(self.optimizer.variables, horovod_bridge.as_tf_variables(self.optimizer.variables))
+        ]
+        named += [(f"clip_state[{i}]", v) for i, v in enumerate(tf.nest.flatten(self._clip_state))]
+        named += [(f"counters/{v.name}", v) for v in [self.skipped_steps, self._consecutive_skips, *self._fit_state.variables]]
+        return named
+
     def _state_variables(self) -> list[tf.Variable]:
-        """Everything that must be identical on every rank, as Horovod-ready `tf.Variable`s."""
-        return (
-            horovod_bridge.as_tf_variables(self.model.variables)
-            + horovod_bridge.as_tf_variables(self.optimizer.variables)
-            + tf.nest.flatten(self._clip_state)
-        )
+        return [variable for _, variable in self._named_state_variables()]
 
     def _build(self, x: Any = None) -> None:
         """Creates every variable (model weights, optimizer slots, clip state); no communication.
@@ -188,6 +228,8 @@ class HvdClipTrainer:
         if self._started:
             return
         self._build(x)
+        # A structure mismatch would make the broadcast hang or silently mis-assign: check first.
+        consistency.check_same_structure(self._named_state_variables())
         horovod_bridge.broadcast_from_root(self._state_variables())
         self._broadcast_count += 1
         self._started = True
@@ -213,14 +255,15 @@ class HvdClipTrainer:
 
     def _step(self, x: Any, y: Any) -> dict[str, tf.Tensor]:
         """One optimizer step: gradient -> allreduce -> unscale -> clip -> apply."""
-        with tf.GradientTape() as tape:
-            loss = self._loss(x, y)
-            scaled_loss = self._scaled(loss)
-        tape = hvd.DistributedGradientTape(
-            tape, compression=self._compression, sparse_as_dense=self._sparse_as_dense, op=hvd.Average
-        )
-        grads = tape.gradient(scaled_loss, horovod_bridge.as_tf_variables(self.model.trainable_variables))
+        loss, local = self._local_gradients(x, y)
+        grads = self._allreduce(local)
         return self._clip_and_apply(loss, self._unscaled(grads))
+
+    def _allreduce(self, grads: list) -> list:
+        # DistributedGradientTape's reduction, with collectives named by position (see allreduce_gradients).
+        return horovod_bridge.allreduce_gradients(
+            grads, compression=self._compression, sparse_as_dense=self._sparse_as_dense
+        )
 
     def _local_gradients(self, x: Any, y: Any) -> tuple[tf.Tensor, list]:
         with tf.GradientTape() as tape:
@@ -244,7 +287,7 @@ class HvdClipTrainer:
             None if grad is None else (accumulator + tf.convert_to_tensor(grad)) / tf.cast(k, accumulator.dtype)
             for accumulator, grad in zip(self._accumulators, grads)
         ]
-        reduced = horovod_bridge.allreduce_dense(means, compression=self._compression)
+        reduced = self._allreduce(means)
         for accumulator in self._accumulators:
             accumulator.assign(tf.zeros_like(accumulator))
         return self._clip_and_apply(loss, self._unscaled(reduced))
@@ -263,8 +306,14 @@ class HvdClipTrainer:
         grad_norm = tf.sqrt(squares)
         finite = tf.math.is_finite(squares)
 
-        clipped, new_clip_state = self.clip.update(list(grads), self._clip_state, variables)
-        clipped_norm = global_norm(clipped)
+        if self._clipping:
+            clipped, new_clip_state = self.clip.update(list(grads), self._clip_state, variables)
+            clipped_norm = global_norm(clipped)
+            # "Changed any element", not "norm went down": two norms of equal tensors computed in
+            # differently fused graphs can differ in the last bit.
+            clip_active = tf.reduce_any([_changed(a, b) for a, b in zip(grads, clipped) if a is not None])
+        else:
+            clipped, new_clip_state, clipped_norm, clip_active = grads, self._clip_state, grad_norm, tf.constant(False)
 
         def apply() -> tf.Tensor:
             self._applier.apply_gradients(zip(clipped, variables))
@@ -275,6 +324,12 @@ class HvdClipTrainer:
             return tf.constant(False)
 
         def skip() -> tf.Tensor:
+            if hvd.rank() == 0:  # Logged once per job, by rank 0, without a host sync.
+                tf.print(
+                    "hvdclip: skipped a step because the reduced gradient had NaN/Inf; skipped so far:",
+                    self.skipped_steps + 1,
+                    output_stream=sys.stderr,
+                )
             self.skipped_steps.assign_add(1)
             self._consecutive_skips.assign_add(1)
             if self._loss_scaling:
@@ -288,7 +343,7 @@ class HvdClipTrainer:
             "loss": loss,
             "grad_norm": grad_norm,
             "clipped_grad_norm": clipped_norm,
-            "clip_active": clipped_norm < grad_norm,
+            "clip_active": clip_active,
             "skipped": skipped,
         }
 
@@ -318,6 +373,9 @@ class HvdClipTrainer:
                     f"(max_consecutive_skips={self._max_consecutive_skips}). Lower the learning rate, "
                     "check the input data for NaN/Inf, or clip harder."
                 )
+        self._calls += 1
+        if self._check_every is not None and self._calls % self._check_every == 0:
+            consistency.check_same_weights(self._compiled_checksum(), self._calls)
         return metrics
 
     def train_step(self, x: Any, y: Any) -> dict[str, float | bool]:
@@ -332,7 +390,7 @@ class HvdClipTrainer:
 
     # ------------------------------------------------------------------ fit
 
-    def _agreed_steps(self, dataset: tf.data.Dataset, steps_per_epoch: int | None) -> int | None:
+    def _agreed_steps(self, dataset: tf.data.Dataset, steps_per_epoch: int | None) -> int:
         """Steps per epoch that every rank can run, so no rank waits in an allreduce forever."""
         cardinality = int(dataset.cardinality())
         known = cardinality >= 0
@@ -348,33 +406,161 @@ class HvdClipTrainer:
         agreed = int(hvd.allreduce(tf.constant(local, tf.int64), op=hvd.Min, name="hvdclip_steps_per_epoch"))
         return agreed
 
-    def fit(self, dataset: tf.data.Dataset, epochs: int = 1, steps_per_epoch: int | None = None) -> History:
-        """Trains on `dataset`, which yields this rank's `(x, y)` batches.
+    def fit(
+        self,
+        dataset: tf.data.Dataset,
+        epochs: int = 1,
+        steps_per_epoch: int | None = None,
+        *,
+        batch_size: int | None = None,
+        shuffle_buffer: int | None = None,
+        shard: bool = True,
+        validation_data: tf.data.Dataset | None = None,
+        validation_metrics: list[keras.metrics.Metric] | None = None,
+        callbacks: list[Any] | None = None,
+        verbose: int = 1,
+    ) -> History:
+        """Trains for `epochs` epochs; call it on every rank with the same arguments.
 
-        Every rank runs the same number of steps per epoch: `steps_per_epoch` if given, capped by
-        the shortest rank's dataset when lengths are known.
+        Each epoch, every rank takes its shard of `dataset`, shuffles it, batches it, and runs the
+        same number of steps: the shortest shard's, capped by `steps_per_epoch`.
+
+        Args:
+            dataset: a `tf.data.Dataset` of `(x, y)` batches, or of single examples with
+                `batch_size`. Every rank must build it in the same order for sharding to split it.
+            epochs: epochs to train (>= 1). After `restore`, the epochs the checkpoint had done
+                count too, so the same call finishes the interrupted run.
+            steps_per_epoch: cap on steps per epoch; required if the dataset's length is unknown.
+            batch_size: batch single examples into batches of this many per rank (the global
+                batch is `batch_size * size`), dropping each rank's last, smaller batch.
+            shuffle_buffer: shuffle each rank's shard every epoch with a buffer of this many
+                elements; the seeds come from an RNG that is broadcast and checkpointed (and
+                `tf.data` mixes in TensorFlow's global seed, so set that the same way on resume).
+            shard: split `dataset` (and `validation_data`) over ranks, each keeping every
+                `size`-th element from its rank on. False when each rank already reads its own part.
+            validation_data: evaluated after each epoch, sharded the same way: `val_loss` and each
+                `validation_metrics` entry, exact over all ranks' examples however they split.
+            validation_metrics: Keras metrics such as `keras.metrics.SparseCategoricalAccuracy()`,
+                reported as `val_<name>`.
+            callbacks: `hvdclip.Callback` objects, run on every rank (`hvdclip.EarlyStopping`,
+                `hvdclip.TensorBoard`, `hvdclip.CheckpointSaver`, or your own).
+            verbose: 0 silent, 1 a progress bar, 2 one line per epoch; rank 0 only.
 
         Returns:
-            A `History` with the per-epoch mean of each step metric.
+            A `History` whose `.history` maps each metric to its per-epoch values, averaged over the
+            epoch's steps and over ranks (`clip_active` is the fraction of steps that clipped).
         """
-        if not isinstance(dataset, tf.data.Dataset):
-            raise TypeError(f"`dataset` must be a tf.data.Dataset of (x, y) batches. Received: dataset={dataset!r}")
-        epochs = check_int("epochs", epochs, ge=1)
-        if steps_per_epoch is not None:
-            steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, ge=1)
-        runtime.require_initialized("HvdClipTrainer.fit")
-        steps = self._agreed_steps(dataset, steps_per_epoch)
-
         history = History()
-        for epoch in range(epochs):
-            sums: dict[str, float] = {}
-            count = 0
-            for x, y in dataset.take(steps) if steps is not None else dataset:
-                metrics = self._run_step(x, y)
-                for name, value in metrics.items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
-                count += 1
-            for name, total in sums.items():
-                history.history.setdefault(name, []).append(total / count if count else math.nan)
-            history.epochs.append(epoch)
+        run_fit(
+            self,
+            dataset,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            batch_size=batch_size,
+            shuffle_buffer=shuffle_buffer,
+            shard=shard,
+            validation_data=validation_data,
+            validation_metrics=validation_metrics,
+            callbacks=callbacks,
+            verbose=verbose,
+            history=history,
+        )
         return history
+
+    def evaluate(
+        self,
+        dataset: tf.data.Dataset,
+        *,
+        metrics: list[keras.metrics.Metric] | None = None,
+        batch_size: int | None = None,
+        shard: bool = True,
+    ) -> dict[str, float]:
+        """The model's loss and `metrics` on `dataset`, over all ranks; call it on every rank.
+
+        Each rank evaluates its shard (all of `dataset` with `shard=False`); sums and counts are
+        allreduced, so the result is the exact mean over every rank's examples, identical on every
+        rank, even when the shards differ in length.
+
+        Example:
+            >>> trainer.evaluate(test, metrics=[keras.metrics.SparseCategoricalAccuracy()])
+            {'loss': 0.061, 'sparse_categorical_accuracy': 0.983}
+        """
+        runtime.require_initialized("HvdClipTrainer.evaluate")
+        plan = InputPlan.checked(
+            "dataset", dataset, rank=hvd.rank(), size=hvd.size(), shard=shard, batch_size=batch_size, drop_remainder=False
+        )
+        evaluate = Evaluator(self, check_metrics("metrics", metrics))
+        self._start_on(plan)
+        return evaluate(plan.for_epoch())
+
+    def _start_on(self, plan: InputPlan) -> None:
+        """Starts (builds, then the one broadcast) with a sample batch from `plan` if not started yet."""
+        if not self._started:
+            self._start(plan.sample_batch())
+
+    @property
+    def global_step(self) -> tf.Variable:
+        """Steps `fit` has run over this trainer's life (skipped steps included); checkpointed."""
+        return self._fit_state.global_step
+
+    # ------------------------------------------------------------------ checkpoints and export
+
+    def restore(self, path: str, *, missing_ok: bool = False) -> int:
+        """Restores a checkpoint written by `hvdclip.CheckpointSaver`; call it on every rank before `fit`.
+
+        Rank 0 reads the checkpoint (the latest one in directory `path`, or the checkpoint prefix
+        `path`); the start-up broadcast then gives every rank its state, so other ranks need no
+        access to the files. The next `fit` continues where the checkpoint was taken, mid-epoch
+        included, and gives the same weights as a run that was never interrupted.
+
+        Args:
+            path: a checkpoint directory, or a prefix such as `"ckpts/ckpt-120"`.
+            missing_ok: if there is no checkpoint, return 0 instead of raising: for a job script
+                that resumes when it can.
+
+        Returns:
+            The global step the checkpoint was taken at (0 if none was found and `missing_ok`).
+
+        Raises:
+            CheckpointError: on every rank, if the checkpoint is missing, unreadable or does not
+                fit this trainer (naming the first variable that differs), or training has
+                already started.
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"`path` must be a checkpoint directory or prefix. Received: path={path!r}")
+        check_bool("missing_ok", missing_ok)
+        runtime.require_initialized("HvdClipTrainer.restore")
+        if self._started:
+            raise CheckpointError(
+                "restore() must come before the first training step: the start-up broadcast has already "
+                "sent this trainer's state to every rank. Create the trainer, restore, then fit."
+            )
+        self._build()
+        named = self._named_state_variables()
+
+        def read() -> int | None:
+            if read_checkpoint(named, path, missing_ok=missing_ok) is None:
+                return None
+            return int(self._fit_state.global_step.numpy())
+
+        # Only rank 0 holds the restored values until the start-up broadcast sends them to the others.
+        step = on_rank_zero(read, name="restore")
+        if step is None:
+            return 0
+        self._fit_state.resume_pending = True
+        return step
+
+    def save(self, path: str) -> None:
+        """Writes the model as a Keras `.keras` file, on rank 0 only; call it on every rank.
+
+        If rank 0 cannot write `path`, every rank raises `OutputDirectoryError`.
+        """
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).endswith(".keras"):
+            raise ValueError(f"`path` must be a file name ending in '.keras'. Received: path={path!r}")
+        path = os.fspath(path)
+
+        def write() -> None:
+            writable_directory(os.path.dirname(path) or ".", "path")
+            self.model.save(path)
+
+        on_rank_zero(write, name="save_model")

@@ -221,3 +221,11 @@ def test_importing_hvdclip_loads_and_initialises_nothing():
         "print(all(getattr(hvdclip, name) is not None for name in hvdclip.__all__))\n"
     )
     assert result.stdout.split() == ["[]", "False", "True"], result.stderr
+
+
+@pytest.mark.parametrize("clip", [None, hvdclip.clip_by_global_norm(1e9), hvdclip.clip_by_value(1e9), hvdclip.clip_by_norm(1e9)])
+def test_clip_active_is_false_on_every_step_when_nothing_is_clipped(clip):
+    x, y = make_data(seed=3, n=25 * 8)
+    trainer = trainer_for(clip=clip)
+    active = [trainer.train_step(x[i * 8 : (i + 1) * 8], y[i * 8 : (i + 1) * 8])["clip_active"] for i in range(25)]
+    assert active == [False] * 25
