@@ -11,7 +11,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo bench test test-unit test-parallel test-launch clean lint-docker docker-gpu docker-cpu
+.PHONY: install demo bench soak test test-unit test-parallel test-launch clean lint-docker docker-gpu docker-cpu
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ test-parallel: install
 	timeout 900 $(BIN)/horovodrun -np 2 --gloo $(PY) -m pytest -q -p no:cacheprovider tests/parallel
 	timeout 900 mpirun -np 2 $(ROOT_FLAG) -bind-to none -map-by slot -x PATH -x TF_CPP_MIN_LOG_LEVEL \
 	    -x OMP_NUM_THREADS $(PY) -m pytest -q -p no:cacheprovider tests/parallel
+
+# 1,000 steps on 2 ranks with adaptive clipping: ranks bit-identical, memory per rank flat (prints the growth).
+soak: install
+	timeout 1200 $(BIN)/hvdclip-run -np 2 --gloo -- $(PY) -m pytest -q -s tests/soak
 
 # Real jobs through hvdclip-run (horovodrun/Gloo, mpirun, and srun on a one-node Slurm cluster that
 # the tests start). The cluster's slurmd must run as root: as root (CI, containers) Slurm is installed
