@@ -144,7 +144,9 @@ class ProgressBar(Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if not is_rank_zero():
             return
-        print(f"Epoch {epoch + 1}/{self.params['epochs']}", file=sys.stdout, flush=True)
+        # One write, so that launchers that tag each chunk of output (mpirun) tag one whole line.
+        sys.stdout.write(f"Epoch {epoch + 1}/{self.params['epochs']}\n")
+        sys.stdout.flush()
         self._bar = keras.utils.Progbar(self.params["steps"], verbose=self.verbose, stateless_metrics=[])
         self._done = (logs or {}).get("first_step", 0)
         self._run = 0
@@ -198,7 +200,8 @@ class EarlyStopping(Callback):
 
     def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0, mode: str = "auto") -> None:
         if not isinstance(monitor, str) or not monitor:
-            raise TypeError(f"`monitor` must be the name of an epoch metric, e.g. 'val_loss'. Received: monitor={monitor!r}")
+            error = ValueError if isinstance(monitor, str) else TypeError
+            raise error(f"`monitor` must be the name of an epoch metric, e.g. 'val_loss'. Received: monitor={monitor!r}")
         self.monitor = monitor
         self.min_delta = abs(check_number("min_delta", min_delta))
         self.patience = check_int("patience", patience, ge=0)

@@ -60,7 +60,7 @@ class InputPlan:
             check_int("shuffle_buffer", shuffle_buffer, ge=1)
         return cls(dataset, rank, size, shard, batch_size, drop_remainder, shuffle_buffer)
 
-    def for_epoch(self, seed: int | None = None) -> tf.data.Dataset:
+    def for_epoch(self, seed: int = 0) -> tf.data.Dataset:
         """This rank's batches for one epoch; `seed` reseeds the shuffle (same seed, same order)."""
         dataset = self.dataset
         if self.shard and self.size > 1:

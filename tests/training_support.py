@@ -1,0 +1,101 @@
+"""Helpers for the fit/checkpoint tests: a model with dropout, a stateful clip, an interruption."""
+
+from __future__ import annotations
+
+import random
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import hvdclip
+from hvdclip.gradients import global_norm, map_values
+
+
+def dropout_mlp(seed: int, in_dim: int = 8, hidden: int = 16, name: str = "dropout_mlp") -> keras.Model:
+    """A small MLP with a Dropout layer, whose seed state lives in `model.variables`."""
+    init = lambda offset: keras.initializers.GlorotUniform(seed=seed * 100 + offset)  # noqa: E731
+    return keras.Sequential(
+        [
+            keras.Input((in_dim,)),
+            keras.layers.Dense(hidden, activation="tanh", kernel_initializer=init(1)),
+            keras.layers.Dropout(0.25, seed=seed),
+            keras.layers.Dense(1, kernel_initializer=init(2)),
+        ],
+        name=name,
+    )
+
+
+def shrinking_clip(max_norm: float) -> hvdclip.GradientTransform:
+    """Global-norm clipping whose threshold shrinks with every applied step, so its state matters."""
+
+    def init(variables):
+        del variables
+        return tf.zeros((), tf.float32)
+
+    def update(grads, count, variables):
+        del variables
+        limit = max_norm / (1.0 + 0.1 * count)
+        factor = limit / tf.maximum(global_norm(grads), limit)
+        return [map_values(lambda v: v * tf.cast(factor, v.dtype), g) for g in grads], count + 1.0
+
+    return hvdclip.GradientTransform(init, update)
+
+
+def resumable_trainer(seed: int = 1, model_seed: int | None = None, rng_seed: int | None = None) -> hvdclip.HvdClipTrainer:
+    """A trainer whose random choices (init, dropout, shuffle seeds) follow `seed`, the script's seed.
+
+    `model_seed` and `rng_seed` make the weights (and dropout seeds) or the trainer's shuffle RNG
+    differ, as in a fresh process, while the global seed stays the script's.
+    """
+    keras.utils.set_random_seed(seed)
+    if rng_seed is not None:
+        random.seed(rng_seed)  # Keras draws unseeded SeedGenerator states from Python's RNG.
+    model = dropout_mlp(seed if model_seed is None else model_seed)
+    return hvdclip.HvdClipTrainer(model, keras.optimizers.Adam(1e-2), keras.losses.MeanSquaredError(), clip=shrinking_clip(2.0))
+
+
+def id_dataset(n: int, in_dim: int = 8, seed: int = 0) -> tf.data.Dataset:
+    """`n` regression examples whose first feature is the example's id (0..n-1)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, in_dim)).astype("float32")
+    x[:, 0] = np.arange(n)
+    y = (np.sin(x[:, 1:2]) * 3 + x[:, 2:3] ** 2).astype("float32")
+    return tf.data.Dataset.from_tensor_slices((x, y))
+
+
+class Interrupted(Exception):
+    """What `InterruptAt` raises: stands for a crash."""
+
+
+class InterruptAt(hvdclip.Callback):
+    """Raises `Interrupted` after global step `step` (after earlier callbacks, such as a saver, ran)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, step, logs):
+        if step == self.step:
+            raise Interrupted(f"interrupted after step {step}")
+
+
+def record_batches(trainer: hvdclip.HvdClipTrainer) -> list[list[int]]:
+    """Makes `trainer` record the ids (first feature) of every batch it trains on."""
+    seen: list[list[int]] = []
+    run_step = trainer._run_step
+
+    def recording(x, y):
+        seen.append([int(i) for i in np.asarray(x)[:, 0]])
+        return run_step(x, y)
+
+    trainer._run_step = recording
+    return seen
+
+
+def state_values(trainer: hvdclip.HvdClipTrainer) -> list[np.ndarray]:
+    """Every variable the trainer broadcasts and checkpoints, as arrays."""
+    return [v.numpy().copy() for v in trainer._state_variables()]
+
+
+def same_values(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))

@@ -1,0 +1,226 @@
+"""`fit` and `evaluate` in one process: input plans, shuffling, validation, callbacks, progress, errors."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import hvdclip
+from hvdclip.data import InputPlan
+from support import make_data, make_mlp
+from training_support import id_dataset, record_batches, resumable_trainer
+
+
+def trainer_for(model=None, lr=1e-2, **kwargs):
+    return hvdclip.HvdClipTrainer(
+        model or make_mlp(seed=1), keras.optimizers.SGD(lr), keras.losses.MeanSquaredError(), clip=hvdclip.clip_by_global_norm(1.0), **kwargs
+    )
+
+
+# ---------------------------------------------------------------- input
+
+
+@pytest.mark.parametrize("shuffle_buffer", [None, 10])
+def test_shards_are_disjoint_and_cover_the_data_every_epoch(shuffle_buffer):
+    ids = tf.data.Dataset.range(40)
+    for seed in (1, 2):
+        shards = [list(InputPlan(ids, rank, 4, shuffle_buffer=shuffle_buffer).for_epoch(seed).as_numpy_iterator()) for rank in range(4)]
+        flat = [i for shard in shards for i in shard]
+        assert sorted(flat) == list(range(40)) and all(len(shard) == 10 for shard in shards)
+
+
+def test_an_uneven_split_warns_with_the_numbers():
+    with pytest.warns(UserWarning, match=r"`dataset` has 41 examples, which 2 ranks cannot split evenly: 1 rank\(s\) get 21"):
+        InputPlan(tf.data.Dataset.range(41), 0, 2, batch_size=4).warn_if_uneven()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        InputPlan(tf.data.Dataset.range(40), 0, 2).warn_if_uneven()
+        InputPlan(tf.data.Dataset.range(41), 0, 2, shard=False).warn_if_uneven()
+
+
+def test_batch_size_batches_examples_and_drops_the_short_last_batch():
+    trainer = resumable_trainer()
+    seen = record_batches(trainer)
+    trainer.fit(id_dataset(20), epochs=2, batch_size=8, verbose=0)
+    assert [len(batch) for batch in seen] == [8, 8, 8, 8]
+    assert int(trainer.global_step.numpy()) == 4
+
+
+def test_shuffle_buffer_reorders_each_epoch_and_without_it_the_order_stays():
+    shuffled = resumable_trainer()
+    seen = record_batches(shuffled)
+    shuffled.fit(id_dataset(32), epochs=2, batch_size=8, shuffle_buffer=32, verbose=0)
+    first, second = sum(seen[:4], []), sum(seen[4:], [])
+    assert sorted(first) == sorted(second) == list(range(32)) and first != second
+
+    plain = resumable_trainer()
+    seen = record_batches(plain)
+    plain.fit(id_dataset(32), epochs=2, batch_size=8, verbose=0)
+    assert sum(seen[:4], []) == sum(seen[4:], []) == list(range(32))
+
+
+def test_the_shuffle_follows_keras_global_seed():
+    orders = []
+    for seed in (5, 5, 6):
+        trainer = resumable_trainer(seed=seed)
+        seen = record_batches(trainer)
+        trainer.fit(id_dataset(32), epochs=1, batch_size=8, shuffle_buffer=32, verbose=0)
+        orders.append(seen)
+    assert orders[0] == orders[1] and orders[0] != orders[2]
+
+
+# ---------------------------------------------------------------- validation and evaluate
+
+
+def test_evaluate_is_the_exact_mean_over_examples_with_a_short_last_batch():
+    x, y = make_data(seed=3, n=37)
+    trainer = trainer_for()
+    mae = keras.metrics.MeanAbsoluteError()
+    results = trainer.evaluate(tf.data.Dataset.from_tensor_slices((x, y)), batch_size=16, metrics=[mae])
+    errors = trainer.model.predict(x, verbose=0) - y
+    assert results["loss"] == pytest.approx(float(np.mean(errors**2)), rel=1e-5)
+    assert results["mean_absolute_error"] == pytest.approx(float(np.mean(np.abs(errors))), rel=1e-5)
+
+
+def test_validation_metrics_are_logged_each_epoch():
+    x, y = make_data(seed=3, n=32)
+    data = tf.data.Dataset.from_tensor_slices((x, y))
+    trainer = trainer_for()
+    history = trainer.fit(
+        data, epochs=2, batch_size=8, validation_data=data, validation_metrics=[keras.metrics.MeanAbsoluteError()], verbose=0
+    )
+    assert len(history.history["val_loss"]) == len(history.history["val_mean_absolute_error"]) == 2
+    final = trainer.evaluate(data, batch_size=8)
+    assert history.history["val_loss"][-1] == pytest.approx(final["loss"], rel=1e-6)
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+class Recorder(hvdclip.Callback):
+    def __init__(self):
+        self.calls = []
+
+    def on_train_begin(self, logs=None):
+        self.calls.append(("train_begin", self.params["epochs"], self.params["steps"]))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.calls.append(("epoch_begin", epoch, logs["first_step"]))
+
+    def on_step_end(self, step, logs):
+        assert isinstance(logs["loss"], tf.Tensor) and logs["samples"] == 8
+        self.calls.append(("step", step))
+
+    def on_epoch_end(self, epoch, logs):
+        assert set(logs) >= {"loss", "grad_norm", "clipped_grad_norm", "clip_active", "skipped", "val_loss"}
+        assert all(isinstance(value, float) for value in logs.values())
+        self.calls.append(("epoch_end", epoch))
+
+    def on_train_end(self, logs=None):
+        self.calls.append(("train_end",))
+
+
+def test_callback_hooks_run_in_order_with_global_steps():
+    recorder = Recorder()
+    data = id_dataset(16)
+    trainer_for().fit(data, epochs=2, batch_size=8, validation_data=data, callbacks=[recorder], verbose=0)
+    assert recorder.calls == [
+        ("train_begin", 2, 2),
+        ("epoch_begin", 0, 0), ("step", 1), ("step", 2), ("epoch_end", 0),
+        ("epoch_begin", 1, 0), ("step", 3), ("step", 4), ("epoch_end", 1),
+        ("train_end",),
+    ]  # fmt: skip
+
+
+def test_early_stopping_stops_when_the_monitored_metric_stalls():
+    stop = hvdclip.EarlyStopping(monitor="loss", patience=1)
+    trainer = trainer_for(lr=0.0)  # Nothing changes, so the loss never improves after epoch 0.
+    history = trainer.fit(id_dataset(16), epochs=10, batch_size=8, callbacks=[stop], verbose=0)
+    assert history.epochs == [0, 1, 2] and stop.stopped_epoch == 2 and trainer.stop_training
+
+
+def test_early_stopping_decisions():
+    stop = hvdclip.EarlyStopping(monitor="val_accuracy", min_delta=0.01, patience=0)
+    assert stop.mode == "max"
+    stop.set_trainer(type("T", (), {"stop_training": False})())
+    stop.on_train_begin()
+    stop.on_epoch_end(0, {"val_accuracy": 0.5})
+    stop.on_epoch_end(1, {"val_accuracy": 0.52})
+    assert not stop.trainer.stop_training
+    stop.on_epoch_end(2, {"val_accuracy": 0.525})  # Better, but by less than min_delta.
+    assert stop.trainer.stop_training and stop.stopped_epoch == 2
+
+
+def test_early_stopping_on_a_missing_metric_says_what_exists():
+    with pytest.raises(ValueError, match=r"'val_loss' is not among \['clip_active', .*\(`val_\*` metrics need `validation_data`\)"):
+        trainer_for().fit(id_dataset(16), batch_size=8, callbacks=[hvdclip.EarlyStopping()], verbose=0)
+
+
+@pytest.mark.parametrize(
+    "make, error, pattern",
+    [
+        (lambda: hvdclip.EarlyStopping(monitor=3), TypeError, r"`monitor` must be the name of an epoch metric.*Received: monitor=3"),
+        (lambda: hvdclip.EarlyStopping(patience=-1), ValueError, r"`patience` must be an integer >= 0. Received: patience=-1"),
+        (lambda: hvdclip.EarlyStopping(mode="up"), ValueError, r"`mode` must be one of 'auto', 'min', 'max'. Received: mode='up'"),
+        (lambda: hvdclip.ProgressBar(verbose=3), ValueError, r"`verbose` must be an integer >= 1 and <= 2. Received: verbose=3"),
+        (lambda: hvdclip.TensorBoard(None), TypeError, r"`log_dir` must be a path. Received: log_dir=None"),
+        (lambda: hvdclip.TensorBoard("x", every_n_steps=0), ValueError, r"`every_n_steps` must be an integer >= 1"),
+    ],
+)
+def test_callbacks_reject_bad_arguments(make, error, pattern):
+    with pytest.raises(error, match=pattern):
+        make()
+
+
+# ---------------------------------------------------------------- progress
+
+
+def test_verbose_1_shows_a_progress_bar_with_the_step_metrics(capsys):
+    trainer_for().fit(id_dataset(16), epochs=2, batch_size=8, verbose=1)
+    out = capsys.readouterr().out
+    assert "Epoch 1/2" in out and "Epoch 2/2" in out
+    for shown in ("2/2", "loss:", "grad_norm:", "clip_rate:", "steps/s:"):
+        assert shown in out, out
+
+
+def test_verbose_2_prints_one_line_per_epoch_and_0_nothing(capsys):
+    data = id_dataset(16)
+    trainer_for().fit(data, epochs=2, batch_size=8, validation_data=data, verbose=2)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 4 and lines[0] == "Epoch 1/2"
+    assert lines[1].startswith("2/2 - ") and "clip_rate:" in lines[1] and "val_loss:" in lines[1]
+    trainer_for().fit(data, epochs=2, batch_size=8, verbose=0)
+    assert capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        ({"epochs": 0}, ValueError, r"`epochs` must be an integer >= 1. Received: epochs=0"),
+        ({"batch_size": 0}, ValueError, r"`batch_size` must be an integer >= 1. Received: batch_size=0"),
+        ({"shuffle_buffer": 2.5}, TypeError, r"`shuffle_buffer` must be an integer >= 1. Received: shuffle_buffer=2.5"),
+        ({"shard": "yes"}, TypeError, r"`shard` must be True or False. Received: shard='yes'"),
+        ({"verbose": 3}, ValueError, r"`verbose` must be an integer >= 0 and <= 2. Received: verbose=3"),
+        ({"validation_data": [1]}, TypeError, r"`validation_data` must be a tf.data.Dataset of \(x, y\) batches. Received: validation_data=\[1\]"),
+        ({"validation_metrics": ["mae"]}, TypeError, r"`validation_metrics` must be a list of keras.metrics.Metric objects"),
+        ({"validation_metrics": [keras.metrics.MeanAbsoluteError()]}, ValueError, r"`validation_metrics` needs `validation_data`"),
+        ({"callbacks": [keras.callbacks.EarlyStopping()]}, TypeError, r"`callbacks` must be a list of hvdclip.Callback.*Received: callbacks\[0\]="),
+        ({"callbacks": hvdclip.EarlyStopping()}, TypeError, r"`callbacks` must be a list of hvdclip.Callback objects. Received: callbacks=<"),
+    ],
+)
+def test_fit_rejects_bad_arguments_before_any_step(kwargs, error, pattern):
+    trainer = trainer_for()
+    with pytest.raises(error, match=pattern):
+        trainer.fit(tf.data.Dataset.from_tensor_slices(make_data(seed=0, n=8)).batch(4), **kwargs)
+    assert trainer.broadcast_count == 0
+
+
+def test_evaluate_rejects_bad_metrics():
+    data = tf.data.Dataset.from_tensor_slices(make_data(seed=0, n=8)).batch(4)
+    with pytest.raises(ValueError, match=r"`metrics` must have distinct names other than 'loss'"):
+        trainer_for().evaluate(data, metrics=[keras.metrics.Mean(name="loss")])
