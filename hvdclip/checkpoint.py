@@ -23,7 +23,7 @@ import tensorflow as tf
 from hvdclip.callbacks import Callback
 from hvdclip.errors import CheckpointError
 from hvdclip.rank_zero import is_rank_zero, on_rank_zero, writable_directory
-from hvdclip.validation import check_int
+from hvdclip.validation import check_int, check_path
 
 __all__ = ["CheckpointSaver", "Named", "latest", "read"]
 
@@ -127,9 +127,7 @@ class CheckpointSaver(Callback):
     """
 
     def __init__(self, directory: str | os.PathLike, every_n_steps: int | None = None, max_to_keep: int = 3) -> None:
-        if not isinstance(directory, (str, os.PathLike)):
-            raise TypeError(f"`directory` must be a path. Received: directory={directory!r}")
-        self.directory = os.fspath(directory)
+        self.directory = check_path("directory", directory)
         self.every_n_steps = None if every_n_steps is None else check_int("every_n_steps", every_n_steps, ge=1)
         self.max_to_keep = check_int("max_to_keep", max_to_keep, ge=1)
         self._manager: tf.train.CheckpointManager | None = None

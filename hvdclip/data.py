@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from hvdclip.validation import check_bool, check_int
 
-__all__ = ["InputPlan", "batch_size_of"]
+__all__ = ["InputPlan", "batch_size_of", "check_batch"]
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,13 @@ class InputPlan:
     def checked(cls, argument: str, dataset: Any, *, rank: int, size: int, shard: Any = True,
                 batch_size: Any = None, drop_remainder: bool = True, shuffle_buffer: Any = None) -> InputPlan:
         """Validates the user's arguments (`argument` is the dataset's parameter name)."""
+        what = "(x, y) examples" if batch_size is not None else "(x, y) batches"
         if not isinstance(dataset, tf.data.Dataset):
-            what = "(x, y) examples" if batch_size is not None else "(x, y) batches"
             raise TypeError(f"`{argument}` must be a tf.data.Dataset of {what}. Received: {argument}={dataset!r}")
+        if not isinstance(dataset.element_spec, (tuple, list)) or len(dataset.element_spec) != 2:
+            raise ValueError(f"`{argument}` must be a tf.data.Dataset of {what} (pairs). Received: {argument}={dataset!r}")
+        if int(dataset.cardinality()) == 0:
+            raise ValueError(f"`{argument}` must not be empty. Received: {argument}={dataset!r}")
         check_bool("shard", shard)
         if batch_size is not None:
             check_int("batch_size", batch_size, ge=1)
@@ -102,3 +106,35 @@ def batch_size_of(x: Any) -> int:
     first = tf.nest.flatten(x)[0]
     size = first.shape[0]
     return int(size) if size is not None else int(tf.shape(first)[0])
+
+
+def _is_batch(leaf: Any) -> bool:
+    """Whether `leaf` is a numeric (or bool) tensor or array with at least one axis."""
+    try:
+        dtype = tf.as_dtype(leaf.dtype)
+    except (AttributeError, TypeError):
+        return False
+    numeric = dtype.is_floating or dtype.is_integer or dtype.is_bool or dtype.is_complex
+    return numeric and len(getattr(leaf, "shape", ())) >= 1
+
+
+def check_batch(x: Any, y: Any) -> None:
+    """Validates a batch given to `train_step` before it is traced: numeric tensors or arrays (or
+    nests of them) with a leading batch axis, as many examples in each, and at least one."""
+    rows = {}
+    for name, value in (("x", x), ("y", y)):
+        leaves = tf.nest.flatten(value)
+        if not leaves or not all(_is_batch(leaf) for leaf in leaves):
+            raise TypeError(
+                f"`{name}` must be a batch: a numeric tensor or NumPy array with a leading batch axis, or a "
+                f"list, tuple or dict of them. Received: {name}={value!r}"
+            )
+        rows[name] = sorted({leaf.shape[0] for leaf in leaves if leaf.shape[0] is not None})
+    if len(set(rows["x"] + rows["y"])) > 1:
+        shown = {name: "/".join(map(str, counts)) for name, counts in rows.items()}
+        raise ValueError(
+            "`x` and `y` must hold the same number of examples (their first axis). "
+            f"Received: x with {shown['x']} rows, y with {shown['y']}"
+        )
+    if rows["x"] == [0]:
+        raise ValueError("`x` must hold at least one example. Received: x and y with 0 rows")

@@ -20,7 +20,7 @@ from tensorflow.core.framework import summary_pb2
 from hvdclip.callbacks import Callback
 from hvdclip.rank_zero import is_rank_zero, on_rank_zero, writable_directory
 from hvdclip.step_logs import RunningMeans, display_name
-from hvdclip.validation import check_int
+from hvdclip.validation import check_int, check_path
 
 __all__ = ["TensorBoard"]
 
@@ -57,9 +57,7 @@ class TensorBoard(Callback):
     """
 
     def __init__(self, log_dir: str | os.PathLike, every_n_steps: int = 1) -> None:
-        if not isinstance(log_dir, (str, os.PathLike)):
-            raise TypeError(f"`log_dir` must be a path. Received: log_dir={log_dir!r}")
-        self.log_dir = os.fspath(log_dir)
+        self.log_dir = check_path("log_dir", log_dir)
         self.every_n_steps = check_int("every_n_steps", every_n_steps, ge=1)
         self._writer = None
 

@@ -23,15 +23,15 @@ import tensorflow as tf
 
 from hvdclip import consistency, horovod_bridge, runtime
 from hvdclip.checkpoint import read as read_checkpoint
-from hvdclip.data import InputPlan
+from hvdclip.data import InputPlan, check_batch
 from hvdclip.errors import CheckpointError, NonFiniteGradientError
 from hvdclip.evaluation import Evaluator, check_metrics
 from hvdclip.fit_state import FitState
 from hvdclip.fitting import fit as run_fit
 from hvdclip.gradients import dedupe, global_norm, map_values, sum_of_squares
 from hvdclip.rank_zero import on_rank_zero, writable_directory
-from hvdclip.transforms.base import GradientTransform, identity
-from hvdclip.validation import check_bool, check_callable, check_int
+from hvdclip.transforms.base import GradientTransform, check_transform, identity
+from hvdclip.validation import check_bool, check_callable, check_int, check_path
 
 __all__ = ["HvdClipTrainer", "History"]
 
@@ -111,6 +111,8 @@ class HvdClipTrainer:
     ) -> None:
         if not isinstance(model, keras.Model):
             raise TypeError(f"`model` must be a keras.Model (Keras 3). Received: model={model!r}")
+        if model.built and not model.trainable_variables:
+            raise ValueError(f"`model` has no trainable variables (is it frozen?). Received: model={model.name!r}")
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             raise TypeError(
                 f"`optimizer` must be a Keras 3 optimizer such as keras.optimizers.Adam(). Received: optimizer={optimizer!r}"
@@ -127,11 +129,7 @@ class HvdClipTrainer:
                     "clip=hvdclip.clip_by_global_norm(1.0)."
                 )
         check_callable("loss_fn", loss_fn)
-        if clip is not None and not isinstance(clip, GradientTransform):
-            raise TypeError(
-                "`clip` must be a GradientTransform such as hvdclip.clip_by_global_norm(1.0), or None. "
-                f"Received: clip={clip!r}"
-            )
+        check_transform("clip", clip, optional=True)
         self._skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
         if max_consecutive_skips is not None:
             check_int("max_consecutive_skips", max_consecutive_skips, ge=1)
@@ -385,6 +383,7 @@ class HvdClipTrainer:
         norms of the reduced gradient, identical on every rank; `clip_active` says the clip stage
         changed the gradient; `skipped` says the step was skipped for a non-finite gradient.
         """
+        check_batch(x, y)
         metrics = self._run_step(x, y)
         return {name: (bool(value) if value.dtype == tf.bool else float(value)) for name, value in metrics.items()}
 
@@ -526,8 +525,7 @@ class HvdClipTrainer:
                 fit this trainer (naming the first variable that differs), or training has
                 already started.
         """
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"`path` must be a checkpoint directory or prefix. Received: path={path!r}")
+        check_path("path", path, "a checkpoint directory or prefix")
         check_bool("missing_ok", missing_ok)
         runtime.require_initialized("HvdClipTrainer.restore")
         if self._started:
@@ -555,9 +553,9 @@ class HvdClipTrainer:
 
         If rank 0 cannot write `path`, every rank raises `OutputDirectoryError`.
         """
-        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).endswith(".keras"):
+        path = check_path("path", path, "a file name ending in '.keras'")
+        if not path.endswith(".keras"):
             raise ValueError(f"`path` must be a file name ending in '.keras'. Received: path={path!r}")
-        path = os.fspath(path)
 
         def write() -> None:
             writable_directory(os.path.dirname(path) or ".", "path")

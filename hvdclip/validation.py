@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
 from typing import Any
 
-__all__ = ["check_int", "check_number", "check_bool", "check_callable", "check_patterns"]
+__all__ = ["check_int", "check_number", "check_bool", "check_callable", "check_strings", "check_patterns", "check_path"]
 
 
 def _received(name: str, value: Any) -> str:
@@ -68,11 +69,17 @@ def check_callable(name: str, value: Any) -> Any:
     return value
 
 
+def check_strings(name: str, value: Any, what: str = "a tuple or list of str") -> tuple[str, ...]:
+    """Returns a tuple or list of strings as a tuple; a bare string is refused, not split into characters."""
+    if not isinstance(value, (tuple, list)) or not all(isinstance(item, str) for item in value):
+        raise TypeError(f"`{name}` must be {what}. {_received(name, value)}")
+    return tuple(value)
+
+
 def check_patterns(name: str, value: Any) -> tuple[str, ...]:
     """Returns a tuple or list of regular-expression strings as a tuple, after compiling each."""
     what = "a tuple or list of str (regular expressions)"
-    if not isinstance(value, (tuple, list)) or not all(isinstance(item, str) for item in value):
-        raise TypeError(f"`{name}` must be {what}. {_received(name, value)}")
+    check_strings(name, value, what)
     for position, pattern in enumerate(value):
         try:
             re.compile(pattern)
@@ -81,3 +88,12 @@ def check_patterns(name: str, value: Any) -> tuple[str, ...]:
                 f"`{name}` must be {what}; {name}[{position}] is not one ({error}). {_received(name, value)}"
             ) from None
     return tuple(value)
+
+
+def check_path(name: str, value: Any, what: str = "a path") -> str:
+    """Returns a `str` or `os.PathLike` path as a `str`; the empty path (the working directory) is refused."""
+    if not isinstance(value, (str, os.PathLike)) or not isinstance(os.fspath(value), str):
+        raise TypeError(f"`{name}` must be {what}. {_received(name, value)}")
+    if not os.fspath(value):
+        raise ValueError(f"`{name}` must be {what}, not empty. {_received(name, value)}")
+    return os.fspath(value)

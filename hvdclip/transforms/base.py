@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from hvdclip.gradients import Gradient
 
-__all__ = ["GradientTransform", "chain", "identity", "stateless"]
+__all__ = ["GradientTransform", "chain", "check_transform", "identity", "stateless"]
 
 InitFn = Callable[[Sequence[tf.Variable]], Any]
 UpdateFn = Callable[[list[Gradient], Any, Sequence[tf.Variable]], tuple[list[Gradient], Any]]
@@ -30,6 +30,20 @@ class GradientTransform(NamedTuple):
 
     init: InitFn
     update: UpdateFn
+
+
+def check_transform(name: str, value: Any, *, optional: bool = False) -> GradientTransform | None:
+    """Refuses anything but a `GradientTransform` whose `init` and `update` are callable (or None if `optional`).
+
+    A `GradientTransform(1.0, None)` is a NamedTuple like any other, so without this check it would
+    fail only when the trainer first calls it, deep inside a traced step.
+    """
+    if optional and value is None:
+        return None
+    if not isinstance(value, GradientTransform) or not (callable(value.init) and callable(value.update)):
+        what = "a GradientTransform such as hvdclip.clip_by_global_norm(1.0)" + (", or None" if optional else "")
+        raise TypeError(f"`{name}` must be {what}. Received: {name}={value!r}")
+    return value
 
 
 def stateless(update: UpdateFn) -> GradientTransform:
@@ -64,11 +78,7 @@ def chain(*transforms: GradientTransform) -> GradientTransform:
         >>> trainer = hvdclip.HvdClipTrainer(model, optimizer, loss_fn, clip=clip)
     """
     for position, transform in enumerate(transforms):
-        if not isinstance(transform, GradientTransform):
-            raise TypeError(
-                "`chain` takes GradientTransform objects such as hvdclip.clip_by_global_norm(1.0). "
-                f"Received: transforms[{position}]={transform!r}"
-            )
+        check_transform(f"transforms[{position}]", transform)
 
     def init(variables):
         return tuple(t.init(variables) for t in transforms)

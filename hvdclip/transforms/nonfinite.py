@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import tensorflow as tf
 
 from hvdclip.gradients import map_values, sum_of_squares
-from hvdclip.transforms.base import GradientTransform
+from hvdclip.transforms.base import GradientTransform, check_transform
 from hvdclip.validation import check_int
 
 __all__ = ["skip_nonfinite", "SkipNonFiniteState"]
@@ -47,8 +47,7 @@ def skip_nonfinite(inner: GradientTransform, max_consecutive_skips: int | None =
         >>> clip = hvdclip.skip_nonfinite(hvdclip.autoclip(10), max_consecutive_skips=5)
         >>> trainer = HvdClipTrainer(model, optimizer, loss_fn, clip=clip, skip_nonfinite=False)
     """
-    if not isinstance(inner, GradientTransform):
-        raise TypeError(f"`inner` must be a GradientTransform such as hvdclip.autoclip(). Received: inner={inner!r}")
+    check_transform("inner", inner)
     if max_consecutive_skips is not None:
         max_consecutive_skips = check_int("max_consecutive_skips", max_consecutive_skips, ge=1)
 
