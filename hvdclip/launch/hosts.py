@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from hvdclip.validation import check_int
+
 __all__ = ["Host", "parse_host_list", "parse_hostfile", "read_hostfile", "total_slots"]
 
 # A host name or address: no whitespace, and none of the characters that separate fields.
@@ -24,6 +26,12 @@ class Host:
 
     name: str
     slots: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not re.fullmatch(_NAME, self.name):
+            error = ValueError if isinstance(self.name, str) else TypeError
+            raise error(f"`name` must be a host name or address (no spaces, ',', ':', '=' or '#'). Received: name={self.name!r}")
+        check_int("slots", self.slots, ge=1)
 
     def __str__(self) -> str:
         return f"{self.name}:{self.slots}"
