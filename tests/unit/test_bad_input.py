@@ -1,0 +1,508 @@
+"""Bad input, swept: every public argument gets a wrong-type case and, where it has a range, an
+out-of-range case. Each case asserts the exact error type and that the message names the argument.
+
+One table per API surface: (argument, kind, bad value, error, message fragment). `kind` is "type"
+(wrong kind of value) or "range" (right kind, not allowed; for transforms: not a usable transform).
+Booleans and callables have only "type" cases. `test_every_public_argument_has_its_cases` keeps the
+tables complete: an argument added to the API without a row here fails it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import keras
+import pytest
+import tensorflow as tf
+
+import hvdclip
+from hvdclip.launch import Host, LaunchSettings, main
+from hvdclip.launch.cli import _parser
+from support import make_data, make_mlp
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Case(NamedTuple):
+    argument: str  # The parameter, as in the signature.
+    kind: str  # "type" or "range".
+    bad: Any
+    error: type[Exception]
+    fragment: str  # A regular expression the message must contain.
+    named: str  # How the message names the argument (a CLI flag for launcher settings).
+
+
+def table(*rows: tuple) -> list:
+    """pytest params from (argument, kind, bad, error, fragment[, named]) rows, with readable ids."""
+    params = []
+    for row in rows:
+        case = Case(*row) if len(row) == 6 else Case(*row, named=row[0])
+        params.append(pytest.param(case, id=f"{case.argument}-{case.kind}"))
+    return params
+
+
+def assert_rejected(call, case: Case) -> None:
+    with pytest.raises(Exception) as caught:
+        call()
+    message = str(caught.value)
+    assert type(caught.value) is case.error, f"{type(caught.value).__name__}: {message}"
+    assert re.search(case.fragment, message), message
+    named = re.escape(case.named)
+    assert re.search(rf"`{named}`|(?<![\w-]){named}[=\[]", message), f"the message does not name {case.named}: {message}"
+
+
+X, Y = make_data(seed=0, n=8)
+BATCHES = tf.data.Dataset.from_tensor_slices((X, Y)).batch(4)
+EMPTY = BATCHES.take(0)
+X_ONLY = tf.data.Dataset.from_tensor_slices(X).batch(4)
+
+
+def frozen_mlp() -> keras.Model:
+    model = make_mlp(seed=1, name="frozen")
+    model.trainable = False
+    return model
+
+
+def make_trainer(**overrides) -> hvdclip.HvdClipTrainer:
+    args = {"model": make_mlp(seed=1), "optimizer": keras.optimizers.Adam(), "loss_fn": keras.losses.MeanSquaredError()}
+    return hvdclip.HvdClipTrainer(**{**args, **overrides})
+
+
+# A GradientTransform is a NamedTuple, so it can be built with anything in it.
+BROKEN_TRANSFORM = hvdclip.GradientTransform(init=1.0, update=None)
+
+# ------------------------------------------------------------------------------------ trainer
+
+TRAINER = table(
+    ("model", "type", "not a model", TypeError, r"`model` must be a keras.Model \(Keras 3\)\. Received: model='not a model'$"),
+    ("model", "range", frozen_mlp, ValueError, r"`model` has no trainable variables .*Received: model='frozen'$"),
+    ("optimizer", "type", object(), TypeError, r"`optimizer` must be a Keras 3 optimizer .*Received: optimizer=<object"),
+    ("optimizer", "range", lambda: keras.optimizers.Adam(clipnorm=1.0), ValueError, r"`optimizer` clips by itself \(clipnorm=1\.0\)"),
+    ("loss_fn", "type", 3, TypeError, r"`loss_fn` must be callable\. Received: loss_fn=3$"),
+    ("clip", "type", 1.0, TypeError, r"`clip` must be a GradientTransform .*, or None\. Received: clip=1\.0$"),
+    ("clip", "range", BROKEN_TRANSFORM, TypeError, r"`clip` must be a GradientTransform .*Received: clip=GradientTransform\(init=1\.0"),
+    ("skip_nonfinite", "type", "yes", TypeError, r"`skip_nonfinite` must be True or False\. Received: skip_nonfinite='yes'$"),
+    ("max_consecutive_skips", "type", 2.5, TypeError, r"`max_consecutive_skips` must be an integer >= 1\. Received: max_consecutive_skips=2\.5$"),
+    ("max_consecutive_skips", "range", 0, ValueError, r"`max_consecutive_skips` must be an integer >= 1\. Received: max_consecutive_skips=0$"),
+    ("sparse_as_dense", "type", 1, TypeError, r"`sparse_as_dense` must be True or False\. Received: sparse_as_dense=1$"),
+    # A choice among strings: anything else, a number included, is simply not one of them.
+    ("compression", "type", 16, ValueError, r"`compression` must be one of \['fp16', 'none'\] or None\. Received: compression=16$"),
+    ("compression", "range", "gzip", ValueError, r"`compression` must be one of .*Received: compression='gzip'$"),
+    ("accumulation_steps", "type", 2.0, TypeError, r"`accumulation_steps` must be an integer >= 1\. Received: accumulation_steps=2\.0$"),
+    ("accumulation_steps", "range", 0, ValueError, r"`accumulation_steps` must be an integer >= 1\. Received: accumulation_steps=0$"),
+    ("check_consistency_every", "type", "5", TypeError, r"`check_consistency_every` must be an integer >= 1\. Received: check_consistency_every='5'$"),
+    ("check_consistency_every", "range", -1, ValueError, r"`check_consistency_every` must be an integer >= 1\. Received: check_consistency_every=-1$"),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", TRAINER)
+def test_trainer_constructor(case):
+    bad = case.bad() if inspect.isfunction(case.bad) else case.bad
+    assert_rejected(lambda: make_trainer(**{case.argument: bad}), case)
+
+
+FIT = table(
+    ("dataset", "type", [(1, 2)], TypeError, r"`dataset` must be a tf.data.Dataset of \(x, y\) batches\. Received: dataset=\[\(1, 2\)\]$"),
+    ("dataset", "range", X_ONLY, ValueError, r"`dataset` must be a tf.data.Dataset of \(x, y\) batches \(pairs\)\. Received: dataset=<"),
+    ("dataset", "range", EMPTY, ValueError, r"`dataset` must not be empty\. Received: dataset=<"),
+    ("epochs", "type", "2", TypeError, r"`epochs` must be an integer >= 1\. Received: epochs='2'$"),
+    ("epochs", "range", 0, ValueError, r"`epochs` must be an integer >= 1\. Received: epochs=0$"),
+    ("steps_per_epoch", "type", 1.5, TypeError, r"`steps_per_epoch` must be an integer >= 1\. Received: steps_per_epoch=1\.5$"),
+    ("steps_per_epoch", "range", 0, ValueError, r"`steps_per_epoch` must be an integer >= 1\. Received: steps_per_epoch=0$"),
+    ("batch_size", "type", "4", TypeError, r"`batch_size` must be an integer >= 1\. Received: batch_size='4'$"),
+    ("batch_size", "range", 0, ValueError, r"`batch_size` must be an integer >= 1\. Received: batch_size=0$"),
+    ("shuffle_buffer", "type", 2.5, TypeError, r"`shuffle_buffer` must be an integer >= 1\. Received: shuffle_buffer=2\.5$"),
+    ("shuffle_buffer", "range", 0, ValueError, r"`shuffle_buffer` must be an integer >= 1\. Received: shuffle_buffer=0$"),
+    ("shard", "type", "yes", TypeError, r"`shard` must be True or False\. Received: shard='yes'$"),
+    ("validation_data", "type", [1], TypeError, r"`validation_data` must be a tf.data.Dataset of \(x, y\) batches\. Received: validation_data=\[1\]$"),
+    ("validation_data", "range", EMPTY, ValueError, r"`validation_data` must not be empty\. Received: validation_data=<"),
+    ("validation_metrics", "type", ["mae"], TypeError, r"`validation_metrics` must be a list of keras.metrics.Metric objects.*Received: validation_metrics=\['mae'\]$"),
+    ("validation_metrics", "range", lambda: [keras.metrics.Mean(name="loss")], ValueError,
+     r"`validation_metrics` must have distinct names other than 'loss'\. Received: names \['loss'\]$"),
+    ("callbacks", "type", "x", TypeError, r"`callbacks` must be a list of hvdclip.Callback objects\. Received: callbacks='x'$"),
+    ("verbose", "type", "1", TypeError, r"`verbose` must be an integer >= 0 and <= 2\. Received: verbose='1'$"),
+    ("verbose", "range", 3, ValueError, r"`verbose` must be an integer >= 0 and <= 2\. Received: verbose=3$"),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", FIT)
+def test_fit(case):
+    trainer = make_trainer()
+    bad = case.bad() if inspect.isfunction(case.bad) else case.bad
+    args = {"dataset": BATCHES, "verbose": 0, case.argument: bad}
+    assert_rejected(lambda: trainer.fit(**args), case)
+    assert trainer.broadcast_count == 0, "rejected before the start-up broadcast, so before any tracing"
+
+
+TRAIN_STEP = table(
+    ("x", "type", "abc", TypeError, r"`x` must be a batch: a numeric tensor or NumPy array .*Received: x='abc'$"),
+    ("x", "range", X[:3], ValueError, r"`x` and `y` must hold the same number of examples .*Received: x with 3 rows, y with 8$"),
+    ("x", "range", X[:0], ValueError, r"`x` must hold at least one example\. Received: x and y with 0 rows$"),
+    ("y", "type", None, TypeError, r"`y` must be a batch: .*Received: y=None$"),
+    ("y", "range", Y[:5], ValueError, r"`x` and `y` must hold the same number of examples .*Received: x with 8 rows, y with 5$"),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", TRAIN_STEP)
+def test_train_step(case):
+    trainer = make_trainer()
+    args = {"x": X, "y": Y, case.argument: case.bad}
+    if getattr(case.bad, "shape", (1,))[0] == 0:  # An empty batch: both empty, or they would differ.
+        args = {"x": X[:0], "y": Y[:0]}
+    assert_rejected(lambda: trainer.train_step(**args), case)
+    assert trainer.broadcast_count == 0
+
+
+EVALUATE = table(
+    ("dataset", "type", [1], TypeError, r"`dataset` must be a tf.data.Dataset of \(x, y\) batches\. Received: dataset=\[1\]$"),
+    ("dataset", "range", X_ONLY, ValueError, r"`dataset` must be a tf.data.Dataset of \(x, y\) batches \(pairs\)\. Received: dataset=<"),
+    ("metrics", "type", "acc", TypeError, r"`metrics` must be a list of keras.metrics.Metric objects.*Received: metrics='acc'$"),
+    ("metrics", "range", lambda: [keras.metrics.Mean(name="m"), keras.metrics.Mean(name="m")], ValueError,
+     r"`metrics` must have distinct names other than 'loss'\. Received: names \['m', 'm'\]$"),
+    ("batch_size", "type", 1.0, TypeError, r"`batch_size` must be an integer >= 1\. Received: batch_size=1\.0$"),
+    ("batch_size", "range", 0, ValueError, r"`batch_size` must be an integer >= 1\. Received: batch_size=0$"),
+    ("shard", "type", 1, TypeError, r"`shard` must be True or False\. Received: shard=1$"),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", EVALUATE)
+def test_evaluate(case):
+    trainer = make_trainer()
+    bad = case.bad() if inspect.isfunction(case.bad) else case.bad
+    args = {"dataset": BATCHES, case.argument: bad}
+    assert_rejected(lambda: trainer.evaluate(**args), case)
+    assert trainer.broadcast_count == 0
+
+
+RESTORE = table(
+    ("path", "type", None, TypeError, r"`path` must be a checkpoint directory or prefix\. Received: path=None$"),
+    ("path", "range", "", ValueError, r"`path` must be a checkpoint directory or prefix, not empty\. Received: path=''$"),
+    ("missing_ok", "type", 1, TypeError, r"`missing_ok` must be True or False\. Received: missing_ok=1$"),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", RESTORE)
+def test_restore(case):
+    args = {"path": "ckpts", case.argument: case.bad}
+    assert_rejected(lambda: make_trainer().restore(**args), case)
+
+
+SAVE = table(
+    ("path", "type", 3, TypeError, r"`path` must be a file name ending in '.keras'\. Received: path=3$"),
+    ("path", "range", "model.h5", ValueError, r"`path` must be a file name ending in '.keras'\. Received: path='model.h5'$"),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SAVE)
+def test_save(case):
+    assert_rejected(lambda: make_trainer().save(case.bad), case)
+
+
+# --------------------------------------------------------------------------------- transforms
+
+TRANSFORMS = {
+    hvdclip.clip_by_value: table(
+        ("clip_value", "type", True, TypeError, r"`clip_value` must be a number > 0\. Received: clip_value=True$"),
+        ("clip_value", "range", 0.0, ValueError, r"`clip_value` must be a number > 0\. Received: clip_value=0\.0$"),
+        ("clip_value", "range", float("inf"), ValueError, r"`clip_value` must be a number > 0\. Received: clip_value=inf$"),
+    ),
+    hvdclip.clip_by_norm: table(
+        ("max_norm", "type", None, TypeError, r"`max_norm` must be a number > 0\. Received: max_norm=None$"),
+        ("max_norm", "range", -2, ValueError, r"`max_norm` must be a number > 0\. Received: max_norm=-2$"),
+    ),
+    hvdclip.clip_by_global_norm: table(
+        ("max_norm", "type", "1.0", TypeError, r"`max_norm` must be a number > 0\. Received: max_norm='1\.0'$"),
+        ("max_norm", "range", float("nan"), ValueError, r"`max_norm` must be a number > 0\. Received: max_norm=nan$"),
+    ),
+    hvdclip.adaptive_grad_clip: table(
+        ("clipping", "type", "0.01", TypeError, r"`clipping` must be a number > 0\. Received: clipping='0\.01'$"),
+        ("clipping", "range", 0, ValueError, r"`clipping` must be a number > 0\. Received: clipping=0$"),
+        ("eps", "type", [1e-3], TypeError, r"`eps` must be a number > 0\. Received: eps=\[0\.001\]$"),
+        ("eps", "range", -1e-3, ValueError, r"`eps` must be a number > 0\. Received: eps=-0\.001$"),
+        ("exclude", "type", "logits", TypeError, r"`exclude` must be a tuple or list of str \(regular expressions\)\. Received: exclude='logits'$"),
+        ("exclude", "range", ["dense_(1"], ValueError, r"`exclude` must be .*; exclude\[0\] is not one .*Received: exclude=\['dense_\(1'\]$"),
+    ),
+    hvdclip.autoclip: table(
+        ("percentile", "type", "10", TypeError, r"`percentile` must be a number > 0 and <= 100\. Received: percentile='10'$"),
+        ("percentile", "range", 100.5, ValueError, r"`percentile` must be a number > 0 and <= 100\. Received: percentile=100\.5$"),
+        ("history", "type", 10.0, TypeError, r"`history` must be an integer >= 1\. Received: history=10\.0$"),
+        ("history", "range", 0, ValueError, r"`history` must be an integer >= 1\. Received: history=0$"),
+    ),
+    hvdclip.zclip: table(
+        ("alpha", "type", "0.9", TypeError, r"`alpha` must be a number > 0 and < 1\. Received: alpha='0\.9'$"),
+        ("alpha", "range", 1.0, ValueError, r"`alpha` must be a number > 0 and < 1\. Received: alpha=1\.0$"),
+        ("z_threshold", "type", None, TypeError, r"`z_threshold` must be a number > 0\. Received: z_threshold=None$"),
+        ("z_threshold", "range", -1, ValueError, r"`z_threshold` must be a number > 0\. Received: z_threshold=-1$"),
+        ("warmup_steps", "type", 1.0, TypeError, r"`warmup_steps` must be an integer >= 1\. Received: warmup_steps=1\.0$"),
+        ("warmup_steps", "range", 0, ValueError, r"`warmup_steps` must be an integer >= 1\. Received: warmup_steps=0$"),
+    ),
+    hvdclip.skip_nonfinite: table(
+        ("inner", "type", 1.0, TypeError, r"`inner` must be a GradientTransform .*Received: inner=1\.0$"),
+        ("inner", "range", BROKEN_TRANSFORM, TypeError, r"`inner` must be a GradientTransform .*Received: inner=GradientTransform\("),
+        ("max_consecutive_skips", "type", 1.5, TypeError, r"`max_consecutive_skips` must be an integer >= 1\. Received: max_consecutive_skips=1\.5$"),
+        ("max_consecutive_skips", "range", 0, ValueError, r"`max_consecutive_skips` must be an integer >= 1\. Received: max_consecutive_skips=0$"),
+    ),
+    hvdclip.chain: table(
+        ("transforms", "type", 1.0, TypeError, r"`transforms\[1\]` must be a GradientTransform .*Received: transforms\[1\]=1\.0$", "transforms[1]"),
+        ("transforms", "range", BROKEN_TRANSFORM, TypeError, r"`transforms\[1\]` must be a GradientTransform .*Received: transforms\[1\]=GradientTransform\(",
+         "transforms[1]"),
+    ),
+}  # fmt: skip
+
+# A valid value for each required argument, so that a case can replace just one.
+TRANSFORM_DEFAULTS = {"clip_value": 1.0, "max_norm": 1.0, "inner": hvdclip.autoclip()}
+
+
+@pytest.mark.parametrize(
+    "factory, case",
+    [pytest.param(factory, *param.values, id=f"{factory.__name__}-{param.id}") for factory, params in TRANSFORMS.items() for param in params],
+)
+def test_transforms(factory, case):
+    if factory is hvdclip.chain:  # Positional only: the bad one second, after a good one.
+        call = lambda: hvdclip.chain(hvdclip.clip_by_norm(1.0), case.bad)  # noqa: E731
+    else:
+        required = {name: value for name, value in TRANSFORM_DEFAULTS.items() if name in inspect.signature(factory).parameters}
+        call = lambda: factory(**{**required, case.argument: case.bad})  # noqa: E731
+    assert_rejected(call, case)
+
+
+# ------------------------------------------------------------------- schedules and callbacks
+
+OTHERS = {
+    hvdclip.ScaledWarmup: ({"base_lr": 0.1, "steps_per_epoch": 10}, table(
+        ("base_lr", "type", "fast", TypeError, r"`base_lr` must be a number > 0\. Received: base_lr='fast'$"),
+        ("base_lr", "range", 0, ValueError, r"`base_lr` must be a number > 0\. Received: base_lr=0$"),
+        ("steps_per_epoch", "type", "10", TypeError, r"`steps_per_epoch` must be an integer >= 1\. Received: steps_per_epoch='10'$"),
+        ("steps_per_epoch", "range", 0, ValueError, r"`steps_per_epoch` must be an integer >= 1\. Received: steps_per_epoch=0$"),
+        ("warmup_epochs", "type", "5", TypeError, r"`warmup_epochs` must be a number >= 0\. Received: warmup_epochs='5'$"),
+        ("warmup_epochs", "range", -1, ValueError, r"`warmup_epochs` must be a number >= 0\. Received: warmup_epochs=-1$"),
+        ("size", "type", 2.0, TypeError, r"`size` must be an integer >= 1\. Received: size=2\.0$"),
+        ("size", "range", 0, ValueError, r"`size` must be an integer >= 1\. Received: size=0$"),
+    )),
+    hvdclip.EarlyStopping: ({}, table(
+        ("monitor", "type", 3, TypeError, r"`monitor` must be the name of an epoch metric, e.g. 'val_loss'\. Received: monitor=3$"),
+        ("monitor", "range", "", ValueError, r"`monitor` must be the name of an epoch metric, e.g. 'val_loss'\. Received: monitor=''$"),
+        ("min_delta", "type", "0.1", TypeError, r"`min_delta` must be a number\. Received: min_delta='0\.1'$"),
+        ("min_delta", "range", float("nan"), ValueError, r"`min_delta` must be a number\. Received: min_delta=nan$"),
+        ("patience", "type", 1.5, TypeError, r"`patience` must be an integer >= 0\. Received: patience=1\.5$"),
+        ("patience", "range", -1, ValueError, r"`patience` must be an integer >= 0\. Received: patience=-1$"),
+        ("mode", "type", 3, ValueError, r"`mode` must be one of 'auto', 'min', 'max'\. Received: mode=3$"),
+        ("mode", "range", "up", ValueError, r"`mode` must be one of 'auto', 'min', 'max'\. Received: mode='up'$"),
+    )),
+    hvdclip.ProgressBar: ({}, table(
+        ("verbose", "type", True, TypeError, r"`verbose` must be an integer >= 1 and <= 2\. Received: verbose=True$"),
+        ("verbose", "range", 0, ValueError, r"`verbose` must be an integer >= 1 and <= 2\. Received: verbose=0$"),
+        ("interval", "type", "0.1", TypeError, r"`interval` must be a number >= 0\. Received: interval='0\.1'$"),
+        ("interval", "range", -1, ValueError, r"`interval` must be a number >= 0\. Received: interval=-1$"),
+    )),
+    hvdclip.TensorBoard: ({"log_dir": "logs"}, table(
+        ("log_dir", "type", None, TypeError, r"`log_dir` must be a path\. Received: log_dir=None$"),
+        ("log_dir", "range", "", ValueError, r"`log_dir` must be a path, not empty\. Received: log_dir=''$"),
+        ("every_n_steps", "type", 1.5, TypeError, r"`every_n_steps` must be an integer >= 1\. Received: every_n_steps=1\.5$"),
+        ("every_n_steps", "range", 0, ValueError, r"`every_n_steps` must be an integer >= 1\. Received: every_n_steps=0$"),
+    )),
+    hvdclip.CheckpointSaver: ({"directory": "ckpts"}, table(
+        ("directory", "type", 3, TypeError, r"`directory` must be a path\. Received: directory=3$"),
+        ("directory", "range", "", ValueError, r"`directory` must be a path, not empty\. Received: directory=''$"),
+        ("every_n_steps", "type", "1", TypeError, r"`every_n_steps` must be an integer >= 1\. Received: every_n_steps='1'$"),
+        ("every_n_steps", "range", 0, ValueError, r"`every_n_steps` must be an integer >= 1\. Received: every_n_steps=0$"),
+        ("max_to_keep", "type", 1.0, TypeError, r"`max_to_keep` must be an integer >= 1\. Received: max_to_keep=1\.0$"),
+        ("max_to_keep", "range", 0, ValueError, r"`max_to_keep` must be an integer >= 1\. Received: max_to_keep=0$"),
+    )),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "cls, case",
+    [pytest.param(cls, *param.values, id=f"{cls.__name__}-{param.id}") for cls, (_, params) in OTHERS.items() for param in params],
+)
+def test_schedules_and_callbacks(cls, case):
+    required = OTHERS[cls][0]
+    assert_rejected(lambda: cls(**{**required, case.argument: case.bad}), case)
+
+
+# ----------------------------------------------------------------------------------- launcher
+
+SETTINGS = table(
+    ("num_proc", "type", "2", TypeError, r"^`-np` must be an integer >= 1\. Received: -np='2'$", "-np"),
+    ("num_proc", "range", 0, ValueError, r"^`-np` must be an integer >= 1\. Received: -np=0$", "-np"),
+    ("command", "type", "python t.py", TypeError, r"^`command` must be a tuple of str, program first\. Received: command='python t.py'$"),
+    ("command", "range", ("",), ValueError, r"^A command to run must follow `--`.*Received: command=\[''\]$"),
+    ("backend", "type", 3, ValueError, r"^`--backend` must be one of horovodrun, mpirun, srun\. Received: --backend=3$", "--backend"),
+    ("backend", "range", "jsrun", ValueError, r"^`--backend` must be one of .*Received: --backend=jsrun$", "--backend"),
+    ("hosts", "type", "node1:4", TypeError, r"^`hosts` must be a tuple of Host, e\.g\. \(Host\('node1', 4\),\)\. Received: hosts='node1:4'$"),
+    ("hosts", "range", (Host("a", 2), Host("a", 2)), ValueError, r"^Each host must be listed once.*Received: `a` at hosts\[0\] and at hosts\[1\]$"),
+    ("controller", "type", 1, ValueError, r"^`controller` must be None, 'gloo' or 'mpi'\. Received: controller=1$"),
+    ("controller", "range", "tcp", ValueError, r"^`controller` must be None, 'gloo' or 'mpi'\. Received: controller='tcp'$"),
+    ("env", "type", "NCCL_DEBUG", TypeError, r"^`--env` must be a tuple or list of str\. Received: --env='NCCL_DEBUG'$", "--env"),
+    ("env", "range", ("A=1",), ValueError, r"^`--env` takes a variable name such as NCCL_DEBUG\. Received: --env=A=1$", "--env"),
+    ("network_interfaces", "type", "eth0", TypeError,
+     r"^`--network-interface` must be a tuple or list of str\. Received: --network-interface='eth0'$", "--network-interface"),
+    ("network_interfaces", "range", ("eth 0",), ValueError,
+     r"^`--network-interface` takes interface names such as eth0\. Received: --network-interface='eth 0'$", "--network-interface"),
+    ("fusion_threshold_mb", "type", 1.5, TypeError,
+     r"^`--fusion-threshold-mb` must be an integer >= 0\. Received: --fusion-threshold-mb=1\.5$", "--fusion-threshold-mb"),
+    ("fusion_threshold_mb", "range", -1, ValueError,
+     r"^`--fusion-threshold-mb` must be an integer >= 0\. Received: --fusion-threshold-mb=-1$", "--fusion-threshold-mb"),
+    ("cycle_time_ms", "type", "1", TypeError, r"^`--cycle-time-ms` must be a number >= 0\. Received: --cycle-time-ms='1'$", "--cycle-time-ms"),
+    ("cycle_time_ms", "range", -1.0, ValueError, r"^`--cycle-time-ms` must be a number >= 0\. Received: --cycle-time-ms=-1\.0$", "--cycle-time-ms"),
+    ("verbose", "type", "yes", TypeError, r"^`--verbose` must be True or False\. Received: --verbose='yes'$", "--verbose"),
+    ("srun_mpi", "type", 3, TypeError, r"^`--srun-mpi` must be an MPI plugin name such as pmix\. Received: --srun-mpi=3$", "--srun-mpi"),
+    ("srun_mpi", "range", "", ValueError, r"^`--srun-mpi` must be an MPI plugin name such as pmix\. Received: --srun-mpi=''$", "--srun-mpi"),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SETTINGS)
+def test_launch_settings(case):
+    args = {"num_proc": 2, "command": ("python", "t.py"), case.argument: case.bad}
+    assert_rejected(lambda: LaunchSettings(**args), case)
+
+
+HOST = table(
+    ("name", "type", 1, TypeError, r"^`name` must be a host name or address .*Received: name=1$"),
+    ("name", "range", "node 1", ValueError, r"^`name` must be a host name or address .*Received: name='node 1'$"),
+    ("slots", "type", "4", TypeError, r"^`slots` must be an integer >= 1\. Received: slots='4'$"),
+    ("slots", "range", 0, ValueError, r"^`slots` must be an integer >= 1\. Received: slots=0$"),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", HOST)
+def test_host(case):
+    args = {"name": "node1", "slots": 4, case.argument: case.bad}
+    assert_rejected(lambda: Host(**args), case)
+
+
+class CliCase(NamedTuple):
+    flag: str  # The parser's first option string, or "command".
+    kind: str
+    argv: list[str]  # Arguments that replace or add to `-np 2 ... --dry-run -- python t.py`.
+    fragment: str
+
+
+def cli_table(*rows: tuple) -> list:
+    return [pytest.param(CliCase(*row), id=f"{row[0]}-{row[1]}") for row in rows]
+
+
+# Text flags: "type" is a value that does not parse as the flag's kind (or is missing), "range"
+# one that parses but is not allowed. Flags that take no value: "type" only (a value given to them).
+CLI = cli_table(
+    ("-np", "type", ["-np", "two"], r"`-np` must be an integer >= 1\. Received: -np=two$"),
+    ("-np", "range", ["-np", "0"], r"`-np` must be an integer >= 1\. Received: -np=0$"),
+    ("--backend", "type", ["--backend"], r"argument --backend: expected one argument$"),
+    ("--backend", "range", ["--backend", "pbs"], r"argument --backend: invalid choice: 'pbs'"),
+    ("--timeout", "type", ["--timeout", "1m"], r"`--timeout` must be a number of seconds > 0\. Received: --timeout=1m$"),
+    ("--timeout", "range", ["--timeout", "-5"], r"`--timeout` must be a number of seconds > 0\. Received: --timeout=-5$"),
+    ("--dry-run", "type", ["--dry-run=1"], r"argument --dry-run: ignored explicit argument '1'$"),
+    ("--verbose", "type", ["--verbose=yes"], r"argument --verbose: ignored explicit argument 'yes'$"),
+    ("-H", "type", ["-H", "node1"], r"`-H` entries must be `host:N` with N >= 1\. Received: -H=node1 \(entry 'node1'\)$"),
+    ("-H", "range", ["-H", "node1:0"], r"`-H` entries must be `host:N` with N >= 1\. Received: -H=node1:0"),
+    ("--hostfile", "type", ["--hostfile", "{tmp}"], r"`--hostfile` must be a readable file \(Is a directory\)\. Received: --hostfile="),
+    ("--hostfile", "range", ["--hostfile", "{tmp}/hosts"], r"`--hostfile` lines must be `host slots=N` or `host:N` with N >= 1\. Received: .*hosts:1"),
+    ("--gloo", "type", ["--gloo=1"], r"argument --gloo: ignored explicit argument '1'$"),
+    ("--mpi", "type", ["--mpi=yes"], r"argument --mpi: ignored explicit argument 'yes'$"),
+    ("--env", "type", ["--env", "A=1"], r"`--env` takes a variable name such as NCCL_DEBUG\. Received: --env=A=1$"),
+    ("--env", "range", ["--env", "NOT_SET"], r"`--env` must name a variable that is set in this environment\. Received: --env=NOT_SET$"),
+    ("--network-interface", "type", ["--network-interface"], r"argument --network-interface: expected one argument$"),
+    ("--network-interface", "range", ["--network-interface", "eth 0"], r"`--network-interface` takes interface names .*Received: --network-interface='eth 0'$"),
+    ("--fusion-threshold-mb", "type", ["--fusion-threshold-mb", "64MB"], r"`--fusion-threshold-mb` must be an integer >= 0\. Received: --fusion-threshold-mb=64MB$"),
+    ("--fusion-threshold-mb", "range", ["--fusion-threshold-mb", "-1"], r"`--fusion-threshold-mb` must be an integer >= 0\. Received: --fusion-threshold-mb=-1$"),
+    ("--cycle-time-ms", "type", ["--cycle-time-ms", "fast"], r"`--cycle-time-ms` must be a number >= 0\. Received: --cycle-time-ms=fast$"),
+    ("--cycle-time-ms", "range", ["--cycle-time-ms", "-1"], r"`--cycle-time-ms` must be a number >= 0\. Received: --cycle-time-ms=-1\.0$"),
+    ("--srun-mpi", "type", ["--srun-mpi"], r"argument --srun-mpi: expected one argument$"),
+    ("--srun-mpi", "range", ["--srun-mpi", "pmi x", "--backend", "srun"], r"`--srun-mpi` must be an MPI plugin name .*Received: --srun-mpi='pmi x'$"),
+    ("command", "type", ["--"], r"A command to run must follow `--`.*Received: command=\[\]$"),
+    ("command", "range", ["--", ""], r"A command to run must follow `--`.*Received: command=\[''\]$"),
+)  # fmt: skip
+
+
+def cli_argv(case: CliCase, tmp: Path) -> list[str]:
+    args = [arg.replace("{tmp}", str(tmp)) for arg in case.argv]
+    if args[:1] == ["--"]:  # The case is the command itself.
+        return ["-np", "2", "--dry-run", *args]
+    # Flags expecting a value come last before `--dry-run`, which argparse then refuses as that value.
+    return ["-np", "2", *args, "--dry-run", "--", "python", "t.py"]
+
+
+def refuse_to_run(argv, env, timeout):
+    raise AssertionError(f"a rejected command line was run: {argv}")
+
+
+@pytest.mark.parametrize("case", CLI)
+def test_cli_flags(case, tmp_path):
+    (tmp_path / "hosts").write_text("node1 slots=0\n")
+    out, err = io.StringIO(), io.StringIO()
+    environ = {"PATH": str(tmp_path), "SET": "1"}  # No launcher on PATH: --dry-run still prints.
+    code = main(cli_argv(case, tmp_path), environ=environ, executor=refuse_to_run, stdout=out, stderr=err)
+    line = err.getvalue()
+    assert (code, out.getvalue()) == (2, ""), line
+    assert line.startswith("hvdclip-run: error: ") and line.count("\n") == 1, line
+    assert re.search(case.fragment, line.rstrip("\n")), line
+    assert re.search(rf"(?<![\w-]){re.escape(case.flag)}(?![\w-])", line), f"the message does not name {case.flag}: {line}"
+
+
+def test_cli_rejection_through_the_real_entry_point():
+    command = [sys.executable, "-m", "hvdclip.launch", "-np", "2", "--cycle-time-ms", "-1", "--dry-run", "--", "python"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "hvdclip-run: error: `--cycle-time-ms` must be a number >= 0. Received: --cycle-time-ms=-1.0\n"
+
+
+# ------------------------------------------------------------------------------- completeness
+
+# Public callables whose arguments are not swept, and why.
+NOT_SWEPT = {
+    "GradientTransform": "a NamedTuple; checked where it is used (clip=, chain, inner), rows above",
+    "History": "what fit returns, not built by users",
+    "Callback": "a base class without arguments; fit calls its hooks",
+    **{name: "an exception: its argument is the message" for name in hvdclip.__all__ if name.endswith("Error")},
+}
+# Arguments with nothing to be out of range (booleans are found from their default).
+NO_RANGE = {"loss_fn": "callable: only a non-callable is wrong", "callbacks": "a list of Callback objects"}
+
+SURFACES = {
+    hvdclip.HvdClipTrainer: TRAINER,
+    hvdclip.HvdClipTrainer.fit: FIT,
+    hvdclip.HvdClipTrainer.train_step: TRAIN_STEP,
+    hvdclip.HvdClipTrainer.evaluate: EVALUATE,
+    hvdclip.HvdClipTrainer.restore: RESTORE,
+    hvdclip.HvdClipTrainer.save: SAVE,
+    **TRANSFORMS,
+    **{cls: params for cls, (_, params) in OTHERS.items()},
+    LaunchSettings: SETTINGS,
+    Host: HOST,
+}
+
+
+def test_every_public_argument_has_its_cases():
+    public = [getattr(hvdclip, name) for name in hvdclip.__all__ if name not in NOT_SWEPT]
+    methods = [m for name, m in vars(hvdclip.HvdClipTrainer).items() if inspect.isfunction(m) and not name.startswith("_")]
+    missing = []
+    for surface in public + methods + [LaunchSettings, Host]:
+        parameters = [p for p in inspect.signature(surface).parameters.values() if p.name != "self"]
+        if not parameters:
+            continue
+        assert surface in SURFACES, f"{surface.__qualname__} has arguments but no table"
+        kinds = {(param.values[0].argument, param.values[0].kind) for param in SURFACES[surface]}
+        for p in parameters:
+            needed = ["type"] if isinstance(p.default, bool) or p.name in NO_RANGE else ["type", "range"]
+            missing += [f"{surface.__qualname__}({p.name}): {kind}" for kind in needed if (p.name, kind) not in kinds]
+    assert missing == []
+
+
+def test_every_cli_flag_has_its_cases():
+    covered = {(param.values[0].flag, param.values[0].kind) for param in CLI}
+    missing = []
+    for action in _parser()._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        flag = action.option_strings[0] if action.option_strings else action.dest
+        needed = ["type"] if action.nargs == 0 else ["type", "range"]
+        missing += [f"{flag}: {kind}" for kind in needed if (flag, kind) not in covered]
+    assert missing == []
