@@ -108,37 +108,6 @@ def test_the_python_checker_sees_the_real_subprocess_calls():
     assert "subprocess.Popen" in names
 
 
-@pytest.mark.parametrize(
-    "snippet, finding",
-    [
-        ("import subprocess\nsubprocess.run(['ls'], shell=True)", r"^<snippet>:2: shell=True$"),
-        ("import subprocess as sp\nsp.Popen(argv, shell=wanted)", r"^<snippet>:2: shell=wanted$"),
-        ("import os\nos.system('ls ' + path)", r"os\.system\(\) runs a shell"),
-        ("from os import popen\npopen('ls')", r"os\.popen\(\) runs a shell"),
-        ("import subprocess\nsubprocess.getoutput('ls')", r"subprocess\.getoutput\(\) runs a shell"),
-        ("from subprocess import getstatusoutput as status\nstatus('ls')", r"subprocess\.getstatusoutput\(\) runs a shell"),
-        ("import asyncio\nasyncio.create_subprocess_shell(line)", r"asyncio\.create_subprocess_shell\(\) runs a shell"),
-        ("import subprocess\nsubprocess.check_output(f'ls {path}')", r"subprocess\.check_output\(\) is given one string"),
-        ("import subprocess\nsubprocess.call('ls %s' % path)", r"subprocess\.call\(\) is given one string"),
-        ("import subprocess\nsubprocess.run(args=' '.join(argv))", r"subprocess\.run\(\) is given one string"),
-        ("def f():\n    from subprocess import Popen\n    Popen('mpirun -np {}'.format(n))", r"subprocess\.Popen\(\) is given one string"),
-    ],
-)
-def test_the_python_checker_finds_shell_use(snippet, finding):
-    findings = python_findings(snippet)
-    assert any(re.search(finding, f) for f in findings), findings
-
-
-def test_the_python_checker_accepts_argument_lists():
-    snippet = (
-        "import shlex, subprocess\n"
-        "subprocess.run(['ls', path], shell=False, check=True)\n"
-        "subprocess.Popen(list(argv) + ['--verbose'], env=env)\n"
-        "print(shlex.join(argv))\n"
-    )
-    assert python_findings(snippet) == []
-
-
 # ------------------------------------------------------------------------------------- shell
 
 
@@ -214,29 +183,52 @@ def test_the_launch_wrappers_pass_their_arguments_on_as_quoted_words():
         assert '"$@"' in (REPO / "launch" / name).read_text(), name
 
 
+# ------------------------------------------------------------------------------ the checkers
+
+
 @pytest.mark.parametrize(
-    "snippet, finding",
+    "checker, snippet, finding",
     [
-        ('cmd="mpirun -np $N $*"\neval "$cmd"', r"^<snippet>:2: eval$"),
-        ("x=1; eval $(build_command)", r":1: eval$"),
-        ('exec python -m hvdclip.launch "--backend" $@', r':1: unquoted \$@ or \$\*'),
-        ("exec prog ${*}", r":1: unquoted \$@ or \$\*"),
-        ("run() {\n  bash -c \"python $1\"\n}", r":2: a shell run on a string"),
-        ("echo 'a multi-line\nstring' && sh -c \"$line\"", r":2: a shell run on a string"),
+        (python_findings, "import subprocess\nsubprocess.run(['ls'], shell=True)", r"^<snippet>:2: shell=True$"),
+        (python_findings, "import subprocess as sp\nsp.Popen(argv, shell=wanted)", r"^<snippet>:2: shell=wanted$"),
+        (python_findings, "import os\nos.system('ls ' + path)", r"os\.system\(\) runs a shell"),
+        (python_findings, "from os import popen\npopen('ls')", r"os\.popen\(\) runs a shell"),
+        (python_findings, "import subprocess\nsubprocess.getoutput('ls')", r"subprocess\.getoutput\(\) runs a shell"),
+        (python_findings, "from subprocess import getstatusoutput as status\nstatus('ls')", r"subprocess\.getstatusoutput\(\) runs a shell"),
+        (python_findings, "import asyncio\nasyncio.create_subprocess_shell(line)", r"asyncio\.create_subprocess_shell\(\) runs a shell"),
+        (python_findings, "import subprocess\nsubprocess.check_output(f'ls {path}')", r"subprocess\.check_output\(\) is given one string"),
+        (python_findings, "import subprocess\nsubprocess.call('ls %s' % path)", r"subprocess\.call\(\) is given one string"),
+        (python_findings, "import subprocess\nsubprocess.run(args=' '.join(argv))", r"subprocess\.run\(\) is given one string"),
+        (python_findings, "def f():\n    from subprocess import Popen\n    Popen('mpirun -np {}'.format(n))", r"subprocess\.Popen\(\) is given one string"),
+        (shell_findings, 'cmd="mpirun -np $N $*"\neval "$cmd"', r"^<snippet>:2: eval$"),
+        (shell_findings, "x=1; eval $(build_command)", r":1: eval$"),
+        (shell_findings, 'exec python -m hvdclip.launch "--backend" $@', r':1: unquoted \$@ or \$\*'),
+        (shell_findings, "exec prog ${*}", r":1: unquoted \$@ or \$\*"),
+        (shell_findings, "run() {\n  bash -c \"python $1\"\n}", r":2: a shell run on a string"),
+        (shell_findings, "echo 'a multi-line\nstring' && sh -c \"$line\"", r":2: a shell run on a string"),
     ],
 )
-def test_the_shell_checker_finds_eval_and_unquoted_arguments(snippet, finding):
-    findings = shell_findings(snippet)
+def test_each_checker_finds_what_it_must(checker, snippet, finding):
+    findings = checker(snippet)
     assert any(re.search(finding, f) for f in findings), findings
 
 
-def test_the_shell_checker_accepts_quoted_forwarding():
-    snippet = (
-        '#!/usr/bin/env bash\n'
-        '# eval and $@ in a comment are fine\n'
-        'exec "$(dirname "$0")/hvdclip-run" --backend mpirun "$@"\n'
-        'die() { echo "install: $*" >&2; exit 1; }\n'
-        "retval=0; printf '%s\\n' 'eval $@ in single quotes'\n"
-        'python -c \'import sys\nprint("$@ stays Python")\'\n'
-    )
-    assert shell_findings(snippet) == []
+SAFE_PYTHON = (
+    "import shlex, subprocess\n"
+    "subprocess.run(['ls', path], shell=False, check=True)\n"
+    "subprocess.Popen(list(argv) + ['--verbose'], env=env)\n"
+    "print(shlex.join(argv))\n"
+)
+SAFE_SHELL = (
+    '#!/usr/bin/env bash\n'
+    '# eval and $@ in a comment are fine\n'
+    'exec "$(dirname "$0")/hvdclip-run" --backend mpirun "$@"\n'
+    'die() { echo "install: $*" >&2; exit 1; }\n'
+    "retval=0; printf '%s\\n' 'eval $@ in single quotes'\n"
+    'python -c \'import sys\nprint("$@ stays Python")\'\n'
+)
+
+
+@pytest.mark.parametrize("checker, snippet", [(python_findings, SAFE_PYTHON), (shell_findings, SAFE_SHELL)])
+def test_each_checker_accepts_safe_code(checker, snippet):
+    assert checker(snippet) == []
