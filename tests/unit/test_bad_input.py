@@ -58,6 +58,16 @@ def assert_rejected(call, case: Case) -> None:
     assert re.search(rf"`{named}`|(?<![\w-]){named}[=\[]", message), f"the message does not name {case.named}: {message}"
 
 
+def bad_value(case: Case) -> Any:
+    """The case's bad value; a function in the table builds it (a model, an optimizer) when needed."""
+    return case.bad() if inspect.isfunction(case.bad) else case.bad
+
+
+def sweep(surfaces: dict) -> list:
+    """(surface, case) params from {surface: (valid arguments, table)}; a case replaces one argument."""
+    return [pytest.param(s, *p.values, id=f"{s.__name__}-{p.id}") for s, (_, params) in surfaces.items() for p in params]
+
+
 X, Y = make_data(seed=0, n=8)
 BATCHES = tf.data.Dataset.from_tensor_slices((X, Y)).batch(4)
 EMPTY = BATCHES.take(0)
@@ -70,16 +80,13 @@ def frozen_mlp() -> keras.Model:
     return model
 
 
-def make_trainer(**overrides) -> hvdclip.HvdClipTrainer:
-    args = {"model": make_mlp(seed=1), "optimizer": keras.optimizers.Adam(), "loss_fn": keras.losses.MeanSquaredError()}
-    return hvdclip.HvdClipTrainer(**{**args, **overrides})
-
-
 # A GradientTransform is a NamedTuple, so it can be built with anything in it.
 BROKEN_TRANSFORM = hvdclip.GradientTransform(init=1.0, update=None)
 
 # ------------------------------------------------------------------------------------ trainer
 
+# Valid arguments of each surface sit beside its table; a case replaces one of them.
+TRAINER_ARGS = {"model": make_mlp(seed=1), "optimizer": keras.optimizers.Adam(), "loss_fn": keras.losses.MeanSquaredError()}
 TRAINER = table(
     ("model", "type", "not a model", TypeError, r"`model` must be a keras.Model \(Keras 3\)\. Received: model='not a model'$"),
     ("model", "range", frozen_mlp, ValueError, r"`model` has no trainable variables .*Received: model='frozen'$"),
@@ -100,12 +107,6 @@ TRAINER = table(
     ("check_consistency_every", "type", "5", TypeError, r"`check_consistency_every` must be an integer >= 1\. Received: check_consistency_every='5'$"),
     ("check_consistency_every", "range", -1, ValueError, r"`check_consistency_every` must be an integer >= 1\. Received: check_consistency_every=-1$"),
 )  # fmt: skip
-
-
-@pytest.mark.parametrize("case", TRAINER)
-def test_trainer_constructor(case):
-    bad = case.bad() if inspect.isfunction(case.bad) else case.bad
-    assert_rejected(lambda: make_trainer(**{case.argument: bad}), case)
 
 
 FIT = table(
@@ -132,15 +133,6 @@ FIT = table(
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("case", FIT)
-def test_fit(case):
-    trainer = make_trainer()
-    bad = case.bad() if inspect.isfunction(case.bad) else case.bad
-    args = {"dataset": BATCHES, "verbose": 0, case.argument: bad}
-    assert_rejected(lambda: trainer.fit(**args), case)
-    assert trainer.broadcast_count == 0, "rejected before the start-up broadcast, so before any tracing"
-
-
 TRAIN_STEP = table(
     ("x", "type", "abc", TypeError, r"`x` must be a batch: a numeric tensor or NumPy array .*Received: x='abc'$"),
     ("x", "range", X[:3], ValueError, r"`x` and `y` must hold the same number of examples .*Received: x with 3 rows, y with 8$"),
@@ -148,16 +140,6 @@ TRAIN_STEP = table(
     ("y", "type", None, TypeError, r"`y` must be a batch: .*Received: y=None$"),
     ("y", "range", Y[:5], ValueError, r"`x` and `y` must hold the same number of examples .*Received: x with 8 rows, y with 5$"),
 )  # fmt: skip
-
-
-@pytest.mark.parametrize("case", TRAIN_STEP)
-def test_train_step(case):
-    trainer = make_trainer()
-    args = {"x": X, "y": Y, case.argument: case.bad}
-    if getattr(case.bad, "shape", (1,))[0] == 0:  # An empty batch: both empty, or they would differ.
-        args = {"x": X[:0], "y": Y[:0]}
-    assert_rejected(lambda: trainer.train_step(**args), case)
-    assert trainer.broadcast_count == 0
 
 
 EVALUATE = table(
@@ -172,26 +154,11 @@ EVALUATE = table(
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("case", EVALUATE)
-def test_evaluate(case):
-    trainer = make_trainer()
-    bad = case.bad() if inspect.isfunction(case.bad) else case.bad
-    args = {"dataset": BATCHES, case.argument: bad}
-    assert_rejected(lambda: trainer.evaluate(**args), case)
-    assert trainer.broadcast_count == 0
-
-
 RESTORE = table(
     ("path", "type", None, TypeError, r"`path` must be a checkpoint directory or prefix\. Received: path=None$"),
     ("path", "range", "", ValueError, r"`path` must be a checkpoint directory or prefix, not empty\. Received: path=''$"),
     ("missing_ok", "type", 1, TypeError, r"`missing_ok` must be True or False\. Received: missing_ok=1$"),
 )  # fmt: skip
-
-
-@pytest.mark.parametrize("case", RESTORE)
-def test_restore(case):
-    args = {"path": "ckpts", case.argument: case.bad}
-    assert_rejected(lambda: make_trainer().restore(**args), case)
 
 
 SAVE = table(
@@ -200,76 +167,83 @@ SAVE = table(
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("case", SAVE)
-def test_save(case):
-    assert_rejected(lambda: make_trainer().save(case.bad), case)
+METHODS = {
+    hvdclip.HvdClipTrainer.fit: ({"dataset": BATCHES, "verbose": 0}, FIT),
+    hvdclip.HvdClipTrainer.train_step: ({"x": X, "y": Y}, TRAIN_STEP),
+    hvdclip.HvdClipTrainer.evaluate: ({"dataset": BATCHES}, EVALUATE),
+    hvdclip.HvdClipTrainer.restore: ({"path": "ckpts"}, RESTORE),
+    hvdclip.HvdClipTrainer.save: ({"path": "model.keras"}, SAVE),
+}
+
+
+@pytest.mark.parametrize("method, case", sweep(METHODS))
+def test_trainer_methods(method, case):
+    trainer = hvdclip.HvdClipTrainer(make_mlp(seed=1), keras.optimizers.Adam(), keras.losses.MeanSquaredError())
+    args = {**METHODS[method][0], case.argument: bad_value(case)}
+    if getattr(args[case.argument], "shape", (1,))[0] == 0:
+        args["y"] = Y[:0]  # An empty batch: y too, or the complaint would be that they differ.
+    assert_rejected(lambda: method(trainer, **args), case)
+    assert trainer.broadcast_count == 0, "rejected before the start-up broadcast, so before any tracing"
 
 
 # --------------------------------------------------------------------------------- transforms
 
 TRANSFORMS = {
-    hvdclip.clip_by_value: table(
+    hvdclip.clip_by_value: ({"clip_value": 1.0}, table(
         ("clip_value", "type", True, TypeError, r"`clip_value` must be a number > 0\. Received: clip_value=True$"),
         ("clip_value", "range", 0.0, ValueError, r"`clip_value` must be a number > 0\. Received: clip_value=0\.0$"),
         ("clip_value", "range", float("inf"), ValueError, r"`clip_value` must be a number > 0\. Received: clip_value=inf$"),
-    ),
-    hvdclip.clip_by_norm: table(
+    )),
+    hvdclip.clip_by_norm: ({"max_norm": 1.0}, table(
         ("max_norm", "type", None, TypeError, r"`max_norm` must be a number > 0\. Received: max_norm=None$"),
         ("max_norm", "range", -2, ValueError, r"`max_norm` must be a number > 0\. Received: max_norm=-2$"),
-    ),
-    hvdclip.clip_by_global_norm: table(
+    )),
+    hvdclip.clip_by_global_norm: ({"max_norm": 1.0}, table(
         ("max_norm", "type", "1.0", TypeError, r"`max_norm` must be a number > 0\. Received: max_norm='1\.0'$"),
         ("max_norm", "range", float("nan"), ValueError, r"`max_norm` must be a number > 0\. Received: max_norm=nan$"),
-    ),
-    hvdclip.adaptive_grad_clip: table(
+    )),
+    hvdclip.adaptive_grad_clip: ({}, table(
         ("clipping", "type", "0.01", TypeError, r"`clipping` must be a number > 0\. Received: clipping='0\.01'$"),
         ("clipping", "range", 0, ValueError, r"`clipping` must be a number > 0\. Received: clipping=0$"),
         ("eps", "type", [1e-3], TypeError, r"`eps` must be a number > 0\. Received: eps=\[0\.001\]$"),
         ("eps", "range", -1e-3, ValueError, r"`eps` must be a number > 0\. Received: eps=-0\.001$"),
         ("exclude", "type", "logits", TypeError, r"`exclude` must be a tuple or list of str \(regular expressions\)\. Received: exclude='logits'$"),
         ("exclude", "range", ["dense_(1"], ValueError, r"`exclude` must be .*; exclude\[0\] is not one .*Received: exclude=\['dense_\(1'\]$"),
-    ),
-    hvdclip.autoclip: table(
+    )),
+    hvdclip.autoclip: ({}, table(
         ("percentile", "type", "10", TypeError, r"`percentile` must be a number > 0 and <= 100\. Received: percentile='10'$"),
         ("percentile", "range", 100.5, ValueError, r"`percentile` must be a number > 0 and <= 100\. Received: percentile=100\.5$"),
         ("history", "type", 10.0, TypeError, r"`history` must be an integer >= 1\. Received: history=10\.0$"),
         ("history", "range", 0, ValueError, r"`history` must be an integer >= 1\. Received: history=0$"),
-    ),
-    hvdclip.zclip: table(
+    )),
+    hvdclip.zclip: ({}, table(
         ("alpha", "type", "0.9", TypeError, r"`alpha` must be a number > 0 and < 1\. Received: alpha='0\.9'$"),
         ("alpha", "range", 1.0, ValueError, r"`alpha` must be a number > 0 and < 1\. Received: alpha=1\.0$"),
         ("z_threshold", "type", None, TypeError, r"`z_threshold` must be a number > 0\. Received: z_threshold=None$"),
         ("z_threshold", "range", -1, ValueError, r"`z_threshold` must be a number > 0\. Received: z_threshold=-1$"),
         ("warmup_steps", "type", 1.0, TypeError, r"`warmup_steps` must be an integer >= 1\. Received: warmup_steps=1\.0$"),
         ("warmup_steps", "range", 0, ValueError, r"`warmup_steps` must be an integer >= 1\. Received: warmup_steps=0$"),
-    ),
-    hvdclip.skip_nonfinite: table(
+    )),
+    hvdclip.skip_nonfinite: ({"inner": hvdclip.autoclip()}, table(
         ("inner", "type", 1.0, TypeError, r"`inner` must be a GradientTransform .*Received: inner=1\.0$"),
         ("inner", "range", BROKEN_TRANSFORM, TypeError, r"`inner` must be a GradientTransform .*Received: inner=GradientTransform\("),
         ("max_consecutive_skips", "type", 1.5, TypeError, r"`max_consecutive_skips` must be an integer >= 1\. Received: max_consecutive_skips=1\.5$"),
         ("max_consecutive_skips", "range", 0, ValueError, r"`max_consecutive_skips` must be an integer >= 1\. Received: max_consecutive_skips=0$"),
-    ),
-    hvdclip.chain: table(
+    )),
+    hvdclip.chain: ({}, table(
         ("transforms", "type", 1.0, TypeError, r"`transforms\[1\]` must be a GradientTransform .*Received: transforms\[1\]=1\.0$", "transforms[1]"),
         ("transforms", "range", BROKEN_TRANSFORM, TypeError, r"`transforms\[1\]` must be a GradientTransform .*Received: transforms\[1\]=GradientTransform\(",
          "transforms[1]"),
-    ),
+    )),
 }  # fmt: skip
 
-# A valid value for each required argument, so that a case can replace just one.
-TRANSFORM_DEFAULTS = {"clip_value": 1.0, "max_norm": 1.0, "inner": hvdclip.autoclip()}
 
-
-@pytest.mark.parametrize(
-    "factory, case",
-    [pytest.param(factory, *param.values, id=f"{factory.__name__}-{param.id}") for factory, params in TRANSFORMS.items() for param in params],
-)
+@pytest.mark.parametrize("factory, case", sweep(TRANSFORMS))
 def test_transforms(factory, case):
     if factory is hvdclip.chain:  # Positional only: the bad one second, after a good one.
         call = lambda: hvdclip.chain(hvdclip.clip_by_norm(1.0), case.bad)  # noqa: E731
     else:
-        required = {name: value for name, value in TRANSFORM_DEFAULTS.items() if name in inspect.signature(factory).parameters}
-        call = lambda: factory(**{**required, case.argument: case.bad})  # noqa: E731
+        call = lambda: factory(**{**TRANSFORMS[factory][0], case.argument: case.bad})  # noqa: E731
     assert_rejected(call, case)
 
 
@@ -319,17 +293,9 @@ OTHERS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "cls, case",
-    [pytest.param(cls, *param.values, id=f"{cls.__name__}-{param.id}") for cls, (_, params) in OTHERS.items() for param in params],
-)
-def test_schedules_and_callbacks(cls, case):
-    required = OTHERS[cls][0]
-    assert_rejected(lambda: cls(**{**required, case.argument: case.bad}), case)
-
-
 # ----------------------------------------------------------------------------------- launcher
 
+SETTINGS_ARGS = {"num_proc": 2, "command": ("python", "t.py")}
 SETTINGS = table(
     ("num_proc", "type", "2", TypeError, r"^`-np` must be an integer >= 1\. Received: -np='2'$", "-np"),
     ("num_proc", "range", 0, ValueError, r"^`-np` must be an integer >= 1\. Received: -np=0$", "-np"),
@@ -359,12 +325,6 @@ SETTINGS = table(
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("case", SETTINGS)
-def test_launch_settings(case):
-    args = {"num_proc": 2, "command": ("python", "t.py"), case.argument: case.bad}
-    assert_rejected(lambda: LaunchSettings(**args), case)
-
-
 HOST = table(
     ("name", "type", 1, TypeError, r"^`name` must be a host name or address .*Received: name=1$"),
     ("name", "range", "node 1", ValueError, r"^`name` must be a host name or address .*Received: name='node 1'$"),
@@ -373,10 +333,19 @@ HOST = table(
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("case", HOST)
-def test_host(case):
-    args = {"name": "node1", "slots": 4, case.argument: case.bad}
-    assert_rejected(lambda: Host(**args), case)
+# Every class: the trainer, the schedule, the callbacks, LaunchSettings and Host.
+CONSTRUCTORS = {
+    hvdclip.HvdClipTrainer: (TRAINER_ARGS, TRAINER),
+    **OTHERS,
+    LaunchSettings: (SETTINGS_ARGS, SETTINGS),
+    Host: ({"name": "node1", "slots": 4}, HOST),
+}
+
+
+@pytest.mark.parametrize("cls, case", sweep(CONSTRUCTORS))
+def test_constructors(cls, case):
+    args = {**CONSTRUCTORS[cls][0], case.argument: bad_value(case)}
+    assert_rejected(lambda: cls(**args), case)
 
 
 class CliCase(NamedTuple):
@@ -466,18 +435,7 @@ NOT_SWEPT = {
 # Arguments with nothing to be out of range (booleans are found from their default).
 NO_RANGE = {"loss_fn": "callable: only a non-callable is wrong", "callbacks": "a list of Callback objects"}
 
-SURFACES = {
-    hvdclip.HvdClipTrainer: TRAINER,
-    hvdclip.HvdClipTrainer.fit: FIT,
-    hvdclip.HvdClipTrainer.train_step: TRAIN_STEP,
-    hvdclip.HvdClipTrainer.evaluate: EVALUATE,
-    hvdclip.HvdClipTrainer.restore: RESTORE,
-    hvdclip.HvdClipTrainer.save: SAVE,
-    **TRANSFORMS,
-    **{cls: params for cls, (_, params) in OTHERS.items()},
-    LaunchSettings: SETTINGS,
-    Host: HOST,
-}
+SURFACES = {surface: params for surface, (_, params) in {**CONSTRUCTORS, **METHODS, **TRANSFORMS}.items()}
 
 
 def test_every_public_argument_has_its_cases():
