@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 # `make install GPU=1`: tensorflow[and-cuda] and Horovod with NCCL (needs CUDA and NCCL dev files; untested here).
 GPU    ?= 0
-STAMP  := $(VENV)/.hvdclip-installed
+STAMP  := $(VENV)/.hvdclip-installed-$(if $(filter 1,$(GPU)),gpu,cpu)
 # Open MPI refuses to run as root unless told; containers and CI run as root.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
 # Keep two CPU ranks from fighting over two cores, and TensorFlow's C++ logging quiet.
