@@ -4,8 +4,8 @@ Every loop trains the same model with the same loss, optimizer and learning rate
 batches, and exposes one method, `run(steps)`, which returns once `steps` steps are done. The
 loops differ only in what the comparison is about:
 
-* `HvdClipLoop`: `HvdClipTrainer.fit`, the public path (allreduce -> clip -> apply; its step
-  returns metrics that `fit` reads every step).
+* `HvdClipLoop`: `HvdClipTrainer.fit`, the public path (allreduce -> clip -> apply, plus the
+  per-step metrics and counters that `fit` keeps).
 * `HandWrittenLoop`: the minimal correct Horovod loop a user could write instead.
 * `SeedLoop`: the forum answer's pattern, each tensor clipped by its own norm and every variable
   re-broadcast from rank 0 after every step.
@@ -51,7 +51,8 @@ class HvdClipLoop:
         )
 
     def run(self, steps: int) -> None:
-        self.trainer.fit(self.dataset, epochs=1, steps_per_epoch=steps)
+        # Each rank's dataset is already its own (shard=False); no progress bar to draw (verbose=0).
+        self.trainer.fit(self.dataset, epochs=1, steps_per_epoch=steps, shard=False, verbose=0)
 
 
 class _HorovodLoop:

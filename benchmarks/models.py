@@ -97,4 +97,8 @@ def dataset_for(spec: ModelSpec, batch_size: int, seed: int) -> tf.data.Dataset:
     else:
         x = rng.integers(0, spec.vocab_size, shape, dtype=np.int32)
     y = rng.integers(0, NUM_CLASSES, (DISTINCT_BATCHES, batch_size), dtype=np.int32)
-    return tf.data.Dataset.from_tensor_slices((x, y)).cache().repeat()
+    # Without autotuning: its background thread sometimes held up creating an iterator for 1-2.5 s
+    # on one rank (the other then waits in the allreduce), swamping the step being measured.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return tf.data.Dataset.from_tensor_slices((x, y)).repeat().with_options(options)

@@ -26,6 +26,7 @@ def _row(variant: str, model: str, jobs: Sequence[Mapping[str, Any]]) -> dict[st
     per_job = [_job_model(job, model) for job in jobs]
     # Steps are synchronous, so the ranks' times agree; the slowest rank is the job's step time.
     step_ms = [1000 * max(r["step_s"] for r in ranks) for ranks in per_job]
+    cpu_ms = [1000 * statistics.mean(r["cpu_step_s"] for r in ranks) for ranks in per_job]
     first_step_s = [max(r["first_step_s"] for r in ranks) for ranks in per_job]
     rss = [[r["peak_rss_mb"] for r in ranks] for ranks in per_job]
     return {
@@ -39,6 +40,7 @@ def _row(variant: str, model: str, jobs: Sequence[Mapping[str, Any]]) -> dict[st
         "step_ms_min": min(step_ms),
         "step_ms_max": max(step_ms),
         "step_ms_samples": step_ms,
+        "cpu_ms": statistics.median(cpu_ms),
         "first_step_s": statistics.median(first_step_s),
         "peak_rss_mb_per_rank": [statistics.median(column) for column in zip(*rss)],
     }
@@ -71,9 +73,11 @@ def summarize(jobs: Sequence[Mapping[str, Any]], models: Sequence[str]) -> dict[
     rows = [_row(v, m, by_variant[v]) for v in variants for m in models]
     baseline = {row["model"]: row["step_ms"] for row in rows if row["variant"] == BASELINE}
     ratios: dict[str, dict[str, float]] = {}
+    cpu_baseline = {row["model"]: row["cpu_ms"] for row in rows if row["variant"] == BASELINE}
     for row in rows:
         base = baseline.get(row["model"])
         row["ratio"] = None if base is None else row["step_ms"] / base
+        row["cpu_ratio"] = None if base is None else row["cpu_ms"] / cpu_baseline[row["model"]]
         if row["ratio"] is not None:
             ratios.setdefault(row["variant"], {})[row["model"]] = row["ratio"]
     ready = {v: statistics.median(max(r["launch_to_ready_s"] for r in job["ranks"]) for job in by_variant[v]) for v in variants}
@@ -105,6 +109,14 @@ def to_markdown(summary: Mapping[str, Any], context: Mapping[str, Any]) -> str:
         step_lines.append(cells)
     step_header = ["variant", "ranks"] + [c for m in models for c in (f"{m}: ms/step (min–max)", "÷ hvdclip")]
 
+    cpu_lines = []
+    for v in variants:
+        cells = [label[v]]
+        for m in models:
+            cells += [f"{rows[v, m]['cpu_ms']:.2f}", _fmt_ratio(rows[v, m]["cpu_ratio"])]
+        cpu_lines.append(cells)
+    cpu_header = ["variant"] + [c for m in models for c in (f"{m}: CPU ms/step", "÷ hvdclip")]
+
     target_lines = []
     for t in summary["targets"]:
         met = {None: "–", True: "met", False: "**missed**"}[t["met"]]
@@ -126,6 +138,11 @@ def to_markdown(summary: Mapping[str, Any], context: Mapping[str, Any]) -> str:
         "divided by hvdclip's on the same model, so above 1.00× the variant is slower than hvdclip.",
         "",
         *_table(step_header, step_lines),
+        "",
+        "CPU time per step and rank (all threads of the process, mean over ranks, median over repeats): "
+        "less sensitive than wall time to other work on the machine, but it counts busy waiting too.",
+        "",
+        *_table(cpu_header, cpu_lines),
         "",
         "Targets (issue 7): each is a lower bound on the `÷ hvdclip` ratio of the variant named.",
         "",

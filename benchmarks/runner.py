@@ -114,9 +114,15 @@ def _free_ports(count: int) -> list[int]:
 
 
 def job_commands(
-    settings: BenchSettings, variant: Variant, out_dir: Path, env: Mapping[str, str], *, launched_at: float,
-    ports: Sequence[int] = (), gpus: int = 0,
-) -> list[tuple[list[str], dict[str, str]]]:  # fmt: skip
+    settings: BenchSettings,
+    variant: Variant,
+    out_dir: Path,
+    env: Mapping[str, str],
+    *,
+    launched_at: float,
+    ports: Sequence[int] = (),
+    gpus: int = 0,
+) -> list[tuple[list[str], dict[str, str]]]:
     """The processes one job starts, as (argv, env) pairs.
 
     A Horovod variant is one `hvdclip-run` command; MultiWorkerMirroredStrategy is one process per
@@ -126,7 +132,7 @@ def job_commands(
     worker = worker_argv(settings, variant, out_dir, launched_at)
     if not variant.uses_tf_config:
         launcher = [sys.executable, "-m", "hvdclip.launch", "-np", str(ranks), "--gloo"]
-        launcher += ["--timeout", f"{settings.job_timeout_s:g}", "--"]
+        launcher += ["--timeout", f"{settings.job_timeout_s:g}", "--"]  # the launcher stops every rank
         return [(launcher + worker, dict(env))]
     if len(ports) != ranks:
         raise ValueError(f"`ports` must hold one port per worker ({ranks}). Received: ports={list(ports)}")
@@ -141,20 +147,25 @@ def job_commands(
 
 
 def _run_processes(commands: Sequence[tuple[list[str], dict[str, str]]], logs: Path, timeout_s: float) -> None:
-    """Starts every command, waits for all; on a failure or timeout stops the rest and raises."""
+    """Starts every command and waits for all; on a failure or timeout stops the rest and raises."""
     procs = []
     for i, (argv, env) in enumerate(commands):
         with open(logs / f"process{i}.log", "w") as log:
             procs.append(subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout_s
-    failed = None
-    while failed is None and any(p.poll() is None for p in procs):
-        failed = next((p for p in procs if p.poll() not in (None, 0)), None)
-        if time.monotonic() > deadline:
-            failed = next(p for p in procs if p.poll() is None)
-        time.sleep(0.2)
-    failed = failed or next((p for p in procs if p.returncode != 0), None)
-    for p in procs:
+    problem = None
+    while problem is None and any(p.poll() is None for p in procs):
+        failed = [p for p in procs if p.returncode not in (None, 0)]
+        if failed:
+            problem = (failed[0], f"exit code {failed[0].returncode}")
+        elif time.monotonic() > deadline:
+            problem = (next(p for p in procs if p.returncode is None), f"still running after {timeout_s:g} s")
+        else:
+            time.sleep(0.2)
+    failed = [p for p in procs if p.returncode not in (None, 0)]
+    if problem is None and failed:
+        problem = (failed[0], f"exit code {failed[0].returncode}")
+    for p in procs:  # a worker whose peer died would otherwise wait in a collective forever
         if p.poll() is None:
             p.terminate()
     for p in procs:
@@ -163,12 +174,13 @@ def _run_processes(commands: Sequence[tuple[list[str], dict[str, str]]], logs: P
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-    if failed is not None:
-        i = procs.index(failed)
+    if problem is not None:
+        proc, what = problem
+        i = procs.index(proc)
         tail = (logs / f"process{i}.log").read_text(errors="replace")[-4000:]
         raise BenchmarkError(
-            f"benchmark job failed (exit code {failed.returncode}): {shlex.join(commands[i][0])}\n"
-            f"--- last lines of its output (all logs in {logs}) ---\n{tail}"
+            f"benchmark job failed ({what}): {shlex.join(commands[i][0])}\n"
+            f"--- end of its output (all logs in {logs}) ---\n{tail}"
         )
 
 
@@ -191,7 +203,7 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def run(settings: BenchSettings, *, log=sys.stderr) -> dict[str, Any]:
+def run(settings: BenchSettings, *, command: str = "python -m benchmarks", log=sys.stderr) -> dict[str, Any]:
     """Runs every job, writes `<out_dir>/<name>.json` and `.md`, and returns the JSON document."""
     gpus = _gpu_count()
     env = job_env(settings, os.environ)
@@ -207,7 +219,8 @@ def run(settings: BenchSettings, *, log=sys.stderr) -> dict[str, Any]:
         ports = _free_ports(ranks) if job.variant.uses_tf_config else ()
         begin = time.monotonic()
         commands = job_commands(settings, job.variant, out, env, launched_at=time.time(), ports=ports, gpus=gpus)
-        _run_processes(commands, out, settings.job_timeout_s)
+        # Past the launcher's own --timeout: it gets the first chance to stop its ranks cleanly.
+        _run_processes(commands, out, settings.job_timeout_s + 60)
         records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
         results.append({"variant": job.variant.name, "repeat": job.repeat, "ranks": records})
         times = "  ".join(f"{m['model']} {1000 * m['step_s']:.2f} ms" for m in records[0]["models"])
@@ -218,7 +231,7 @@ def run(settings: BenchSettings, *, log=sys.stderr) -> dict[str, Any]:
     summary = summarize(results, settings.models)
     versions = results[0]["ranks"][0]["versions"]
     context = {
-        "command": "make bench  (= python -m benchmarks)",
+        "command": command,
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{_cpu_model()}, {os.cpu_count()} cores, {gpus} GPUs, {platform.system()} {platform.release()}",
         "load average (1/5/15 min) before / after": f"{load_before} / {_load()}",
@@ -287,9 +300,10 @@ def parse_args(argv: Sequence[str]) -> BenchSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    settings = parse_args(argv)
     try:
-        document = run(settings)
+        document = run(settings, command=shlex.join(["python", "-m", "benchmarks", *argv]))
     except BenchmarkError as err:
         print(f"benchmarks: {err}", file=sys.stderr)
         return 1

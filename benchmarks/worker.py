@@ -109,15 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         first_step = time.perf_counter() - start
         if args.warmup:
             loop.run(args.warmup)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loop.run(steps)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         results.append(
             {
                 "model": name,
                 "params": int(loop.model.count_params()),
                 "steps": steps,
                 "step_s": elapsed / steps,
+                "cpu_step_s": cpu / steps,  # all of this process's threads
                 "first_step_s": first_step,
                 "peak_rss_mb": _peak_rss_mb(),
                 "peak_rss_is_per_model": per_model_peak,

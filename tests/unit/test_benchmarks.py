@@ -51,7 +51,7 @@ def test_mirrored_strategy_starts_one_process_per_worker_with_its_tf_config(tmp_
 
 
 def _job(variant: str, step_ms: float, ranks: int = 2) -> dict:
-    model = {"model": "medium", "params": 10, "steps": 5, "step_s": step_ms / 1000, "first_step_s": 1.0,
+    model = {"model": "medium", "params": 10, "steps": 5, "step_s": step_ms / 1000, "cpu_step_s": step_ms / 2000, "first_step_s": 1.0,
              "peak_rss_mb": 100.0, "peak_rss_is_per_model": True}  # fmt: skip
     return {"variant": variant, "repeat": 0,
             "ranks": [{"rank": r, "launch_to_ready_s": 2.0, "models": [model]} for r in range(ranks)]}  # fmt: skip
