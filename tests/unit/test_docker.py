@@ -242,7 +242,8 @@ def test_every_stage_installs_with_the_same_script_as_make_install(image):
     name, instructions = image
     assert install_problems(instructions, gpu=name == "gpu") == []
     makefile = (ROOT / "Makefile").read_text()
-    assert re.search(rf"^\tbash {re.escape(INSTALL_SCRIPT)} \$\(PY\)$", makefile, re.M)
+    # `make install` runs the script on the venv's python; `GPU=1` adds --gpu as the GPU image does.
+    assert re.search(rf"^\tbash {re.escape(INSTALL_SCRIPT)} \$\(PY\)( \$\(if \$\(filter 1,\$\(GPU\)\),--gpu\))?$", makefile, re.M)
 
 
 def test_gpu_image_builds_horovod_with_nccl_and_checks_the_build():
