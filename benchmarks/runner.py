@@ -34,6 +34,8 @@ __all__ = ["BenchSettings", "BenchmarkError", "job_commands", "main", "plan", "r
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+# hvdclip-run's flags per Horovod backend; mpirun forwards only the variables it is told about.
+_LAUNCHER_FLAGS = {"gloo": ["--gloo"], "mpi": ["--backend", "mpirun", "--env", "OMP_NUM_THREADS"]}
 # Launch variables of an enclosing MPI job (e.g. a test process that initialised Horovod) would
 # confuse the jobs' own launchers; TF_CONFIG is set only for the workers that need it.
 _INHERITED_NOT = ("OMPI_", "PMIX_", "PMI_", "TF_CONFIG")
@@ -56,6 +58,7 @@ class BenchSettings:
     num_proc: int = 2
     intra_op_threads: int = 1
     inter_op_threads: int = 2
+    backend: str = "gloo"  # Horovod's transport for the Horovod variants: "gloo" or "mpi"
     job_timeout_s: float = 600.0
     out_dir: Path = RESULTS
     name: str = "latest"
@@ -131,7 +134,7 @@ def job_commands(
     ranks = _ranks(settings, variant)
     worker = worker_argv(settings, variant, out_dir, launched_at)
     if not variant.uses_tf_config:
-        launcher = [sys.executable, "-m", "hvdclip.launch", "-np", str(ranks), "--gloo"]
+        launcher = [sys.executable, "-m", "hvdclip.launch", "-np", str(ranks), *_LAUNCHER_FLAGS[settings.backend]]
         launcher += ["--timeout", f"{settings.job_timeout_s:g}", "--"]  # the launcher stops every rank
         return [(launcher + worker, dict(env))]
     if len(ports) != ranks:
@@ -199,6 +202,11 @@ def _cpu_model() -> str:
         return platform.processor() or "unknown"
 
 
+def _spread(values: Sequence[float]) -> str:
+    ordered = sorted(values)
+    return f"median {ordered[len(ordered) // 2]:.2f}, min {ordered[0]:.2f}, max {ordered[-1]:.2f}"
+
+
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -217,12 +225,12 @@ def run(settings: BenchSettings, *, command: str = "python -m benchmarks", log=s
         out.mkdir()
         ranks = _ranks(settings, job.variant)
         ports = _free_ports(ranks) if job.variant.uses_tf_config else ()
-        begin = time.monotonic()
+        begin, load = time.monotonic(), os.getloadavg()[0]
         commands = job_commands(settings, job.variant, out, env, launched_at=time.time(), ports=ports, gpus=gpus)
         # Past the launcher's own --timeout: it gets the first chance to stop its ranks cleanly.
         _run_processes(commands, out, settings.job_timeout_s + 60)
         records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
-        results.append({"variant": job.variant.name, "repeat": job.repeat, "ranks": records})
+        results.append({"variant": job.variant.name, "repeat": job.repeat, "load_1min_at_start": load, "ranks": records})
         times = "  ".join(f"{m['model']} {1000 * m['step_s']:.2f} ms" for m in records[0]["models"])
         print(f"[{number}/{len(jobs)}] repeat {job.repeat + 1}/{settings.repeats}  {job.variant.name:<15} "
               f"{time.monotonic() - begin:5.1f} s  {times}", file=log, flush=True)  # fmt: skip
@@ -235,7 +243,9 @@ def run(settings: BenchSettings, *, command: str = "python -m benchmarks", log=s
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{_cpu_model()}, {os.cpu_count()} cores, {gpus} GPUs, {platform.system()} {platform.release()}",
         "load average (1/5/15 min) before / after": f"{load_before} / {_load()}",
-        "ranks": f"{settings.num_proc} ({'one GPU each' if gpus else 'CPU'}); Horovod jobs via hvdclip-run --gloo",
+        "1-min load average at the jobs' starts": _spread([job["load_1min_at_start"] for job in results]),
+        "ranks": f"{settings.num_proc} ({'one GPU each' if gpus else 'CPU'}); Horovod jobs via hvdclip-run "
+        + " ".join(_LAUNCHER_FLAGS[settings.backend]),
         "threads per rank": f"TensorFlow intra-op {settings.intra_op_threads}, inter-op {settings.inter_op_threads}, "
         f"OMP_NUM_THREADS={settings.intra_op_threads}",
         "per-rank batch": str(settings.batch_size),
@@ -284,6 +294,8 @@ def parse_args(argv: Sequence[str]) -> BenchSettings:
                         f"(default: {', '.join(f'{m} {s}' for m, s in DEFAULT_STEPS.items())})")
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed steps before timing")
     parser.add_argument("--batch-size", type=_positive, default=defaults.batch_size, help="per rank")
+    parser.add_argument("--backend", choices=sorted(_LAUNCHER_FLAGS), default=defaults.backend,
+                        help="Horovod transport: gloo (horovodrun --gloo) or mpi (Open MPI's mpirun)")
     parser.add_argument("-np", "--num-proc", type=_positive, help="ranks (default: one per GPU, else 2)")
     parser.add_argument("--out", type=Path, default=defaults.out_dir, help="directory for NAME.json and NAME.md")
     parser.add_argument("--name", default=defaults.name)
@@ -294,7 +306,7 @@ def parse_args(argv: Sequence[str]) -> BenchSettings:
     steps = dict(DEFAULT_STEPS) if args.steps is None else {m: args.steps for m in MODELS}
     return BenchSettings(
         variants=args.variants, models=args.models, repeats=args.repeats, steps=steps, warmup=args.warmup,
-        batch_size=args.batch_size, num_proc=args.num_proc or _gpu_count() or 2, out_dir=args.out,
+        batch_size=args.batch_size, num_proc=args.num_proc or _gpu_count() or 2, backend=args.backend, out_dir=args.out,
         name=args.name, job_timeout_s=args.job_timeout,
     )  # fmt: skip
 

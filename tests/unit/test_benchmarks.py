@@ -37,6 +37,9 @@ def test_horovod_variants_are_one_hvdclip_run_command_with_their_rank_count(tmp_
         assert worker[worker.index("--out") + 1] == str(tmp_path)
     assert "OMPI_COMM_WORLD_RANK" not in job_environ and "TF_CONFIG" not in job_environ
     assert job_environ["OMP_NUM_THREADS"] == "1"
+    mpi = BenchSettings(models=("small",), steps={"small": 7}, backend="mpi")
+    [(argv, _)] = job_commands(mpi, VARIANTS["hvdclip"], tmp_path, env, launched_at=1.5)
+    assert argv[3:10] == ["-np", "2", "--backend", "mpirun", "--env", "OMP_NUM_THREADS", "--timeout"]
 
 
 def test_mirrored_strategy_starts_one_process_per_worker_with_its_tf_config(tmp_path):
