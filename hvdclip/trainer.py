@@ -28,7 +28,7 @@ from hvdclip.errors import CheckpointError, NonFiniteGradientError
 from hvdclip.evaluation import Evaluator, check_metrics
 from hvdclip.fit_state import FitState
 from hvdclip.fitting import fit as run_fit
-from hvdclip.gradients import dedupe, global_norm, map_values, sum_of_squares
+from hvdclip.gradients import dedupe, global_norm, scale, sum_of_squares
 from hvdclip.rank_zero import on_rank_zero, writable_directory
 from hvdclip.transforms.base import GradientTransform, check_transform, identity
 from hvdclip.validation import check_bool, check_callable, check_int, check_path
@@ -249,7 +249,7 @@ class HvdClipTrainer:
         if not self._loss_scaling:
             return grads
         inverse = 1.0 / self.optimizer.dynamic_scale
-        return [map_values(lambda values: values * tf.cast(inverse, values.dtype), g) for g in grads]
+        return [scale(g, inverse) for g in grads]
 
     def _step(self, x: Any, y: Any) -> dict[str, tf.Tensor]:
         """One optimizer step: gradient -> allreduce -> unscale -> clip -> apply."""
