@@ -17,6 +17,8 @@ _EXPORTS = {
     "size": "hvdclip.runtime",
     "local_rank": "hvdclip.runtime",
     "GradientTransform": "hvdclip.transforms",
+    "ClipReport": "hvdclip.transforms",
+    "reporting": "hvdclip.transforms",
     "chain": "hvdclip.transforms",
     "identity": "hvdclip.transforms",
     "clip_by_value": "hvdclip.transforms",

@@ -30,7 +30,7 @@ from hvdclip.fit_state import FitState
 from hvdclip.fitting import fit as run_fit
 from hvdclip.gradients import dedupe, global_norm, scale, sum_of_squares
 from hvdclip.rank_zero import on_rank_zero, writable_directory
-from hvdclip.transforms.base import GradientTransform, check_transform, identity
+from hvdclip.transforms.base import GradientTransform, check_transform, identity, update_and_report
 from hvdclip.validation import check_bool, check_callable, check_int, check_path
 
 __all__ = ["HvdClipTrainer", "History"]
@@ -305,11 +305,15 @@ class HvdClipTrainer:
         finite = tf.math.is_finite(squares)
 
         if self._clipping:
-            clipped, new_clip_state = self.clip.update(list(grads), self._clip_state, variables)
-            clipped_norm = global_norm(clipped)
-            # "Changed any element", not "norm went down": two norms of equal tensors computed in
-            # differently fused graphs can differ in the last bit.
-            clip_active = tf.reduce_any([_changed(a, b) for a, b in zip(grads, clipped) if a is not None])
+            clipped, new_clip_state, report = update_and_report(self.clip, list(grads), self._clip_state, variables)
+            if report is not None:  # The transform's own account: no extra pass over the gradients.
+                clipped_norm = grad_norm if report.norm is None else report.norm
+                clip_active = report.active
+            else:
+                clipped_norm = global_norm(clipped)
+                # "Changed any element", not "norm went down": two norms of equal tensors computed
+                # in differently fused graphs can differ in the last bit.
+                clip_active = tf.reduce_any([_changed(a, b) for a, b in zip(grads, clipped) if a is not None])
         else:
             clipped, new_clip_state, clipped_norm, clip_active = grads, self._clip_state, grad_norm, tf.constant(False)
 

@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from hvdclip.gradients import dedupe, global_norm, scale, scale_to_norm
-from hvdclip.transforms.base import GradientTransform, stateless
+from hvdclip.gradients import dedupe, global_norm, scale, scale_to_norm, squared_norm
+from hvdclip.transforms.base import ClipReport, GradientTransform, reporting
 from hvdclip.validation import check_int, check_number, check_patterns
 
 __all__ = ["adaptive_grad_clip", "autoclip", "zclip", "AutoClipState", "ZClipState"]
@@ -84,24 +84,35 @@ def adaptive_grad_clip(clipping: float = 0.01, eps: float = 1e-3, exclude: Seque
     patterns = [re.compile(pattern) for pattern in check_patterns("exclude", exclude)]
 
     def clip(grad, variable):
-        if grad is None or any(pattern.search(_variable_path(variable)) for pattern in patterns):
-            return grad
+        """The clipped gradient, its squared norm, and whether any unit was clipped."""
+        if grad is None:
+            return None, tf.constant(0.0), tf.constant(False)
+        if any(pattern.search(_variable_path(variable)) for pattern in patterns):
+            return grad, squared_norm(grad), tf.constant(False)
         axes = _unit_axes(variable.shape)
         if isinstance(grad, tf.IndexedSlices):
             grad = dedupe(grad)
         values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
         max_norms = clipping * tf.maximum(_unit_norms(tf.convert_to_tensor(variable), axes), eps)
-        return scale(grad, scale_to_norm(_unit_norms(values, axes), max_norms))
+        norms = _unit_norms(values, axes)
+        factors = scale_to_norm(norms, max_norms)
+        return scale(grad, factors), tf.reduce_sum(tf.square(norms * factors)), tf.reduce_any(factors < 1)
 
-    def update(grads, state, variables):
+    def update_with_report(grads, state, variables):
         if len(variables) != len(grads):
             raise ValueError(
                 "adaptive_grad_clip compares each gradient with its variable, so `update` needs the "
                 f"variables aligned with the gradients. Received: {len(grads)} gradients, {len(variables)} variables"
             )
-        return [clip(g, v) for g, v in zip(grads, variables)], state
+        clipped, squares, active = [], [tf.constant(0.0)], [tf.constant(False)]
+        for grad, variable in zip(grads, variables):
+            grad, grad_squares, grad_active = clip(grad, variable)
+            clipped.append(grad)
+            squares.append(grad_squares)
+            active.append(grad_active)
+        return clipped, state, ClipReport(tf.sqrt(tf.add_n(squares)), tf.reduce_any(active))
 
-    return stateless(update)
+    return reporting(None, update_with_report)
 
 
 # ----------------------------------------------------------------------------------- AutoClip
@@ -158,7 +169,7 @@ def autoclip(percentile: float = 10, history: int = 1000) -> GradientTransform:
         del variables
         return AutoClipState(norms=tf.zeros([history], tf.float32), count=tf.constant(0, tf.int64))
 
-    def update(grads, state, variables):
+    def update_with_report(grads, state, variables):
         del variables
         norm = global_norm(grads)
         slot = tf.math.floormod(tf.convert_to_tensor(state.count), history)
@@ -166,9 +177,9 @@ def autoclip(percentile: float = 10, history: int = 1000) -> GradientTransform:
         count = state.count + 1
         threshold = _percentile(norms, tf.minimum(count, history), percentile)
         factor = scale_to_norm(norm, threshold)
-        return [scale(g, factor) for g in grads], AutoClipState(norms, count)
+        return [scale(g, factor) for g in grads], AutoClipState(norms, count), ClipReport(norm * factor, factor < 1)
 
-    return GradientTransform(init, update)
+    return reporting(init, update_with_report)
 
 
 # -------------------------------------------------------------------------------------- ZClip
@@ -225,7 +236,7 @@ def zclip(alpha: float = 0.97, z_threshold: float = 2.5, warmup_steps: int = 25)
         zero = tf.constant(0.0, tf.float32)
         return ZClipState(zero, zero, tf.zeros([warmup_steps], tf.float32), tf.constant(0, tf.int64))
 
-    def update(grads, state, variables):
+    def update_with_report(grads, state, variables):
         del variables
         norm = global_norm(grads)
         count = tf.convert_to_tensor(state.count)
@@ -252,6 +263,7 @@ def zclip(alpha: float = 0.97, z_threshold: float = 2.5, warmup_steps: int = 25)
         new_mean = tf.where(warming_up, tf.where(warmup_ends, first_mean, mean), ema_mean)
         new_var = tf.where(warming_up, tf.where(warmup_ends, first_var, var), ema_var)
         factor = tf.where(spike, scale_to_norm(norm, threshold), 1.0)
-        return [scale(g, factor) for g in grads], ZClipState(new_mean, new_var, warmup_norms, count + 1)
+        new_state = ZClipState(new_mean, new_var, warmup_norms, count + 1)
+        return [scale(g, factor) for g in grads], new_state, ClipReport(norm * factor, factor < 1)
 
-    return GradientTransform(init, update)
+    return reporting(init, update_with_report)

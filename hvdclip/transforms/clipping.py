@@ -5,7 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from hvdclip.gradients import dedupe, global_norm, map_values, scale, scale_to_norm, squared_norm
-from hvdclip.transforms.base import GradientTransform, stateless
+from hvdclip.transforms.base import ClipReport, GradientTransform, reporting
 from hvdclip.validation import check_number
 
 __all__ = ["clip_by_value", "clip_by_norm", "clip_by_global_norm"]
@@ -22,18 +22,21 @@ def clip_by_value(clip_value: float) -> GradientTransform:
     """
     clip_value = check_number("clip_value", clip_value, gt=0)
 
-    def clip(grad):
-        if grad is None:
-            return None
-        if isinstance(grad, tf.IndexedSlices):
-            grad = dedupe(grad)
-        return map_values(lambda values: tf.clip_by_value(values, -clip_value, clip_value), grad)
-
-    def update(grads, state, variables):
+    def update_with_report(grads, state, variables):
         del variables
-        return [clip(g) for g in grads], state
+        clipped, active = [], [tf.constant(False)]
+        for grad in grads:
+            if isinstance(grad, tf.IndexedSlices):
+                grad = dedupe(grad)
+            if grad is not None:
+                values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
+                active.append(tf.reduce_any(tf.abs(values) > clip_value))
+            clipped.append(map_values(lambda values: tf.clip_by_value(values, -clip_value, clip_value), grad))
+        # The norm is measured (clipping by value has no shortcut to it); in a chain that ends in
+        # another clip, nothing reads it and TensorFlow prunes it from the step.
+        return clipped, state, ClipReport(global_norm(clipped), tf.reduce_any(active))
 
-    return stateless(update)
+    return reporting(None, update_with_report)
 
 
 def clip_by_norm(max_norm: float) -> GradientTransform:
@@ -47,11 +50,21 @@ def clip_by_norm(max_norm: float) -> GradientTransform:
     """
     max_norm = check_number("max_norm", max_norm, gt=0)
 
-    def update(grads, state, variables):
+    def update_with_report(grads, state, variables):
         del variables
-        return [None if g is None else scale(g, scale_to_norm(tf.sqrt(squared_norm(g)), max_norm)) for g in grads], state
+        clipped, out_squares, active = [], [tf.constant(0.0)], [tf.constant(False)]
+        for grad in grads:
+            if grad is None:
+                clipped.append(None)
+                continue
+            squares = squared_norm(grad)
+            factor = scale_to_norm(tf.sqrt(squares), max_norm)
+            clipped.append(scale(grad, factor))
+            out_squares.append(squares * tf.square(factor))
+            active.append(factor < 1)
+        return clipped, state, ClipReport(tf.sqrt(tf.add_n(out_squares)), tf.reduce_any(active))
 
-    return stateless(update)
+    return reporting(None, update_with_report)
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransform:
@@ -65,9 +78,10 @@ def clip_by_global_norm(max_norm: float) -> GradientTransform:
     """
     max_norm = check_number("max_norm", max_norm, gt=0)
 
-    def update(grads, state, variables):
+    def update_with_report(grads, state, variables):
         del variables
-        factor = scale_to_norm(global_norm(grads), max_norm)
-        return [scale(g, factor) for g in grads], state
+        norm = global_norm(grads)
+        factor = scale_to_norm(norm, max_norm)
+        return [scale(g, factor) for g in grads], state, ClipReport(norm * factor, factor < 1)
 
-    return stateless(update)
+    return reporting(None, update_with_report)

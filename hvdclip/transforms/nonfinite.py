@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import tensorflow as tf
 
 from hvdclip.gradients import map_values, sum_of_squares
-from hvdclip.transforms.base import GradientTransform, check_transform
+from hvdclip.transforms.base import ClipReport, GradientTransform, check_transform, update_and_report
 from hvdclip.validation import check_int
 
 __all__ = ["skip_nonfinite", "SkipNonFiniteState"]
@@ -55,20 +55,32 @@ def skip_nonfinite(inner: GradientTransform, max_consecutive_skips: int | None =
         zero = tf.constant(0, tf.int64)
         return SkipNonFiniteState(inner.init(variables), zero, zero)
 
-    def update(grads, state, variables):
-        finite = tf.math.is_finite(sum_of_squares(grads))
+    def wrapped(grads, state, variables, report):
+        squares = sum_of_squares(grads)
+        finite = tf.math.is_finite(squares)
         consecutive = tf.where(finite, tf.constant(0, tf.int64), state.consecutive + 1)
         run_inner = finite
         if max_consecutive_skips is not None:
             run_inner = tf.logical_or(finite, consecutive > max_consecutive_skips)
 
         # `inner` runs either way (a pure function of its inputs); its results are kept or dropped.
-        inner_grads, inner_state = inner.update(grads, state.inner, variables)
+        inner_grads, inner_state, inner_report = update_and_report(inner, grads, state.inner, variables)
         kept_state = tf.nest.map_structure(
             lambda new, old: tf.where(run_inner, new, tf.convert_to_tensor(old)), inner_state, state.inner
         )
         out = [map_values(lambda values: tf.where(run_inner, values, tf.zeros_like(values)), g) for g in inner_grads]
         skipped = state.skipped + tf.cast(tf.logical_not(run_inner), tf.int64)
-        return out, SkipNonFiniteState(kept_state, skipped, consecutive)
+        new_state = SkipNonFiniteState(kept_state, skipped, consecutive)
+        if not report:
+            return out, new_state
+        inner_norm = tf.sqrt(squares) if inner_report.norm is None else inner_report.norm
+        held_back = tf.logical_not(run_inner)  # The gradient became zeros: that is a change.
+        return out, new_state, ClipReport(tf.where(run_inner, inner_norm, 0.0), inner_report.active | held_back)
 
-    return GradientTransform(init, update)
+    def update(grads, state, variables):
+        return wrapped(grads, state, variables, report=False)
+
+    def update_with_report(grads, state, variables):
+        return wrapped(grads, state, variables, report=True)
+
+    return GradientTransform(init, update, update_with_report if inner.update_with_report is not None else None)
