@@ -4,7 +4,10 @@
 An `IndexedSlices` gradient may repeat an index (Horovod allgathers sparse gradients, so a row
 touched on two ranks appears twice). Its dense meaning is the *sum* of the repeated rows, so
 anything non-linear in the values (a norm, an element-wise clip) first merges repeats with
-`dedupe`. Norms are accumulated in float32 whatever the gradient dtype.
+`dedupe`. `dedupe` returns a `UniqueSlices`, the canonical form, which every helper here
+recognises and keeps (scaling does not create repeats), so the merge (a `tf.unique` and a segment
+sum) runs once per gradient per step, not once per helper. Norms are accumulated in float32
+whatever the gradient dtype.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import tensorflow as tf
 
 __all__ = [
     "Gradient",
+    "UniqueSlices",
     "dedupe",
     "map_values",
     "scale",
@@ -28,23 +32,33 @@ __all__ = [
 Gradient = Union[tf.Tensor, tf.IndexedSlices, None]
 
 
-def dedupe(grad: tf.IndexedSlices) -> tf.IndexedSlices:
-    """Returns `grad` with repeated indices merged by summing their rows."""
+class UniqueSlices(tf.IndexedSlices):
+    """An `IndexedSlices` whose indices are known to be distinct: what `dedupe` returns.
+
+    It is an `IndexedSlices` to TensorFlow and Keras; the type only tells `dedupe` that there is
+    nothing left to merge. Build one only from indices that are distinct.
+    """
+
+
+def dedupe(grad: tf.IndexedSlices) -> UniqueSlices:
+    """Returns `grad` with repeated indices merged by summing their rows (as is, if already merged)."""
+    if isinstance(grad, UniqueSlices):
+        return grad
     unique, positions = tf.unique(grad.indices)
     values = tf.math.unsorted_segment_sum(grad.values, positions, tf.size(unique))
-    return tf.IndexedSlices(values, unique, grad.dense_shape)
+    return UniqueSlices(values, unique, grad.dense_shape)
 
 
 def map_values(fn: Callable[[tf.Tensor], tf.Tensor], grad: Gradient) -> Gradient:
     """Applies `fn` to a dense gradient or to the rows of a sparse one; `None` stays `None`.
 
     Only for `fn` that is linear in the values (scaling): element-wise non-linear functions
-    must be given `dedupe(grad)`.
+    must be given `dedupe(grad)`. The indices are kept, and so is a `UniqueSlices`' type.
     """
     if grad is None:
         return None
     if isinstance(grad, tf.IndexedSlices):
-        return tf.IndexedSlices(fn(grad.values), grad.indices, grad.dense_shape)
+        return type(grad)(fn(grad.values), grad.indices, grad.dense_shape)
     return fn(grad)
 
 

@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import keras
+
 import hvdclip
-from hvdclip.gradients import dedupe, global_norm
+from hvdclip.gradients import UniqueSlices, dedupe, global_norm, scale
+from support import make_clicks, make_embedding_model
 
 RNG = np.random.default_rng(0)
 
@@ -157,3 +160,37 @@ def test_non_numeric_thresholds_are_rejected(factory, arg, name):
 def test_chain_rejects_non_transforms():
     with pytest.raises(TypeError, match=r"Received: transforms\[1\]=1\.0"):
         hvdclip.chain(hvdclip.clip_by_norm(1.0), 1.0)
+
+
+# ------------------------------------------------------------- the canonical (merged) sparse form
+
+
+def test_dedupe_returns_the_canonical_form_and_keeps_it():
+    merged = dedupe(sparse_grad())
+    assert isinstance(merged, UniqueSlices) and isinstance(merged, tf.IndexedSlices)
+    assert dedupe(merged) is merged, "a merged gradient has nothing left to merge"
+    scaled = scale(merged, 0.5)
+    assert isinstance(scaled, UniqueSlices), "scaling cannot create repeats, so it keeps the form"
+    assert not isinstance(scale(sparse_grad(), 0.5), UniqueSlices), "an unmerged gradient stays unmerged"
+
+
+def op_count(concrete_function, op_type):
+    graph_def = concrete_function.graph.as_graph_def()
+    nodes = list(graph_def.node) + [node for function in graph_def.library.function for node in function.node_def]
+    return sum(node.op == op_type for node in nodes)
+
+
+@pytest.mark.parametrize(
+    "clip",
+    [hvdclip.clip_by_global_norm(1.0), hvdclip.clip_by_value(0.1), hvdclip.clip_by_norm(1.0), hvdclip.adaptive_grad_clip(0.01)],
+    ids=["global_norm", "value", "norm", "agc"],
+)
+def test_the_step_merges_each_sparse_gradient_once(clip):
+    """The trainer merges the allgathered rows once; the norm and every clip reuse that merge."""
+    ids, clicks = make_clicks(seed=0, n=16)
+    trainer = hvdclip.HvdClipTrainer(
+        make_embedding_model(seed=0), keras.optimizers.Adam(1e-2), keras.losses.BinaryCrossentropy(), clip=clip
+    )
+    trainer.train_step(ids, clicks)
+    step = trainer._compiled_step.get_concrete_function(tf.constant(ids), tf.constant(clicks))
+    assert op_count(step, "Unique") == 1
