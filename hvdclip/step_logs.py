@@ -1,7 +1,11 @@
-"""Running means of step metrics, kept as tensors so that logging costs no host sync per step.
+"""Running means of step metrics, summed on the device so that logging costs no host sync per step.
 
 A step returns its metrics as scalar tensors. Reading one as a Python float waits for the device;
-adding it to a tensor sum does not. Means are read only when something is shown or written.
+adding it to a sum on the device does not. Means are read only when something is shown or written.
+
+* `StepSums`: sums kept in a variable that a compiled step adds to, so that summing costs no
+  eager op either.
+* `RunningMeans`: sums of the tensors a step returns, added eagerly.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from collections.abc import Mapping
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
-__all__ = ["RunningMeans", "display_name"]
+__all__ = ["RunningMeans", "StepSums", "display_name"]
 
 # What a mean of each boolean step metric is called in progress bars and TensorBoard.
 _DISPLAY_NAMES = {"clip_active": "clip_rate", "skipped": "skip_rate"}
@@ -20,6 +24,81 @@ _DISPLAY_NAMES = {"clip_active": "clip_rate", "skipped": "skip_rate"}
 def display_name(metric: str) -> str:
     """The name a metric's mean is shown under: the mean of `clip_active` is the `clip_rate`."""
     return _DISPLAY_NAMES.get(metric, metric)
+
+
+class StepSums:
+    """Each step metric's sum and count since the last `reset`, in one variable a compiled step adds to.
+
+    `add` runs inside the compiled step, so a step's sums cost one variable update on the device:
+    no eager op and no host sync. A metric gets a column of the variable the first time a traced
+    step reports it; the columns are the same on every rank, which traces the same steps.
+
+    The variable is this rank's scratch: it is neither broadcast nor checkpointed.
+
+    Example:
+        >>> sums = StepSums()
+        >>> step = tf.function(lambda: sums.add({"loss": tf.constant(2.0)}))
+        >>> step(); step()
+        >>> sums.means()
+        {'loss': 2.0}
+    """
+
+    # Columns for distinct metric names; the trainer's step reports five.
+    CAPACITY = 16
+
+    def __init__(self) -> None:
+        # Row 0 sums each metric, row 1 counts the steps that reported it (float64 counts are exact to 2**53).
+        self._totals = tf.Variable(tf.zeros([2, self.CAPACITY], tf.float64), trainable=False, name="hvdclip_step_sums")
+        self._columns: dict[str, int] = {}
+
+    def _column(self, name: str) -> int:
+        if name not in self._columns:
+            if len(self._columns) == self.CAPACITY:
+                raise ValueError(
+                    f"A step reports more than StepSums.CAPACITY={self.CAPACITY} metrics; cannot add {name!r} "
+                    f"to {sorted(self._columns)}. Raise StepSums.CAPACITY."
+                )
+            self._columns[name] = len(self._columns)
+        return self._columns[name]
+
+    def add(self, metrics: Mapping[str, tf.Tensor]) -> None:
+        """Adds one step's scalar metrics (bools count as 0 or 1); call it inside the compiled step."""
+        if not metrics:
+            return
+        columns = [self._column(name) for name in metrics]
+        indices = [[0, column] for column in columns] + [[1, column] for column in columns]
+        values = [tf.cast(tf.reshape(value, []), tf.float64) for value in metrics.values()]
+        self._totals.scatter_nd_add(indices, tf.stack(values + [tf.constant(1.0, tf.float64)] * len(values)))
+
+    def reset(self) -> None:
+        self._totals.assign(tf.zeros_like(self._totals))
+
+    def names(self) -> set[str]:
+        """The metrics some step reported since the last reset (reads the counts: one host sync)."""
+        counts = self._totals[1].numpy()
+        return {name for name, column in self._columns.items() if counts[column] > 0}
+
+    def means(self) -> dict[str, float]:
+        """Each reported metric's mean over the steps that reported it, as Python floats (one host sync)."""
+        sums, counts = self._totals.numpy()
+        return {name: float(sums[c] / counts[c]) for name, c in sorted(self._columns.items()) if counts[c] > 0}
+
+    def rank_means(self, names: list[str]) -> dict[str, float]:
+        """Each metric in `names` averaged over steps and over ranks: one allreduce, identical everywhere.
+
+        Every rank must call this with the same `names` after running the same steps. A metric no
+        step reported since the reset counts as 0 over 0 steps, so its mean is NaN.
+        """
+        if not names:
+            return {}
+        unknown = sorted(set(names) - set(self._columns))
+        if unknown:
+            raise ValueError(f"`names` has metrics no step reported: {unknown}. Received: names={names!r}")
+        ours = tf.gather(self._totals, [self._columns[name] for name in names], axis=1)
+        totals = hvd.allreduce(ours, op=hvd.Sum, name="hvdclip_epoch_means")
+        # 0/0 is NaN on purpose: an epoch resumed at its end has no steps left to average.
+        means = tf.math.divide(totals[0], totals[1]).numpy()
+        return {name: float(value) for name, value in zip(names, means)}
 
 
 class RunningMeans:
