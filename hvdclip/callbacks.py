@@ -16,7 +16,7 @@ from typing import Any
 import keras
 
 from hvdclip.rank_zero import is_rank_zero
-from hvdclip.step_logs import RunningMeans, display_name
+from hvdclip.step_logs import display_name
 from hvdclip.validation import check_int, check_number
 
 __all__ = ["Callback", "CallbackList", "ProgressBar", "EarlyStopping"]
@@ -127,9 +127,9 @@ class ProgressBar(Callback):
     """A Keras `Progbar` on rank 0: loss, gradient norm, clip rate and steps/s; silent elsewhere.
 
     `fit(verbose=1)` adds one; `verbose=2` prints one line per epoch instead of a live bar.
-    The loss shown during an epoch is rank 0's running mean; the line at the end of the epoch
-    shows the epoch's means over all ranks. Metrics are read from the device only when the bar
-    is redrawn (at most every `interval` seconds), not at every step.
+    The loss shown during an epoch is rank 0's running mean (the sums `fit`'s compiled step keeps);
+    the line at the end of the epoch shows the epoch's means over all ranks. Metrics are read from
+    the device only when the bar is redrawn (at most every `interval` seconds), not at every step.
 
     Args:
         verbose: 1 for a live bar, 2 for one line per epoch.
@@ -150,19 +150,18 @@ class ProgressBar(Callback):
         self._bar = keras.utils.Progbar(self.params["steps"], verbose=self.verbose, stateless_metrics=[])
         self._done = (logs or {}).get("first_step", 0)
         self._run = 0
-        self._means = RunningMeans()
         self._epoch_start = self._last_draw = self._last_step = time.perf_counter()
 
     def on_step_end(self, step, logs):
         if self._bar is None:
             return
-        self._means.add(logs)
         self._done += 1
         self._run += 1
         now = self._last_step = time.perf_counter()
         if self.verbose == 1 and now - self._last_draw >= self.interval:
             self._last_draw = now
-            self._bar.update(self._done, self._values(self._means.means()), finalize=False)
+            means = self.trainer._fit_state.epoch_sums.means()  # This rank's steps of the epoch so far.
+            self._bar.update(self._done, self._values(means), finalize=False)
 
     def on_epoch_end(self, epoch, logs):
         if self._bar is None:

@@ -1,15 +1,19 @@
 """Where `fit` is in a run, and its random state: the counters a checkpoint needs to resume exactly.
 
 They are `tf.Variable`s, so the start-up broadcast makes them identical on every rank and a
-checkpoint saves and restores them with the model.
+checkpoint saves and restores them with the model. `fit`'s compiled step advances them itself
+(`record_step`), together with the epoch's metric sums, so a step costs no eager op for them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import keras
 import tensorflow as tf
 
 from hvdclip import horovod_bridge
+from hvdclip.step_logs import StepSums
 
 __all__ = ["FitState"]
 
@@ -25,6 +29,8 @@ class FitState:
         seed_generator: the RNG that draws each epoch's shuffle seed. Created from Keras' global
             seed (`keras.utils.set_random_seed`), if one is set; rank 0's state is broadcast.
         resume_pending: `restore` loaded a checkpoint; the next `fit` continues from it.
+        epoch_sums: this rank's sums of the step metrics of the epoch so far. Not broadcast nor
+            checkpointed: the means of an epoch resumed mid-way are over the steps run since.
     """
 
     def __init__(self) -> None:
@@ -37,11 +43,19 @@ class FitState:
         self.shuffle_seed = counter("shuffle_seed")
         self.seed_generator = keras.random.SeedGenerator(name="hvdclip_shuffle_seed_generator")
         self.resume_pending = False
+        self.epoch_sums = StepSums()
 
     @property
     def variables(self) -> list[tf.Variable]:
+        """What the start-up broadcast sends and a checkpoint holds (not `epoch_sums`)."""
         rng_state = horovod_bridge.as_tf_variables([self.seed_generator.state])
         return [self.global_step, self.epoch, self.epoch_step, self.shuffle_seed, *rng_state]
+
+    def record_step(self, metrics: Mapping[str, tf.Tensor]) -> None:
+        """Counts one step of `fit` and adds its metrics to the epoch's sums; call it inside the compiled step."""
+        self.global_step.assign_add(1)
+        self.epoch_step.assign_add(1)
+        self.epoch_sums.add(metrics)
 
     def new_shuffle_seed(self) -> int:
         """Draws the next epoch's shuffle seed (the same on every rank, whose RNG states agree)."""

@@ -7,6 +7,10 @@ Per epoch, on every rank, in lock-step:
 
 Every collective here (step allreduces, epoch means, validation, the stop vote) runs the same
 number of times on every rank, because every rank runs the agreed number of steps.
+
+A step is the next batch and one call of the trainer's compiled step, which also advances the step
+counters and adds the metrics to the epoch's sums: besides taking the batch, `fit` runs no
+TensorFlow op per step (callbacks given by the user may).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from hvdclip import runtime
 from hvdclip.callbacks import CallbackList, ProgressBar
 from hvdclip.data import InputPlan, batch_size_of
 from hvdclip.evaluation import Evaluator, check_metrics
-from hvdclip.step_logs import RunningMeans
 from hvdclip.validation import check_int
 
 __all__ = ["fit"]
@@ -93,20 +96,17 @@ def fit(
         first = start_step if epoch == start_epoch else 0
         # A resumed epoch reuses its seed, so it continues the same order where it stopped.
         seed = state.new_shuffle_seed() if first == 0 else int(state.shuffle_seed.numpy())
+        state.epoch_sums.reset()
         hooks.on_epoch_begin(epoch, {"first_step": first})
-        means = RunningMeans()
         for x, y in plan.for_epoch(seed).take(steps).skip(first):
-            metrics_now = trainer._run_step(x, y)
+            metrics_now = trainer._run_step(x, y, record=True)  # Also advances the counters in `state`.
             global_step += 1
-            state.global_step.assign_add(1)
-            state.epoch_step.assign_add(1)
-            means.add(metrics_now)
             hooks.on_step_end(global_step, {**metrics_now, "samples": batch_size_of(x)})
         state.epoch.assign_add(1)
         state.epoch_step.assign(0)
 
-        names |= means.names  # The same on every rank: all ran the same steps.
-        logs = means.rank_means(sorted(names))
+        names |= state.epoch_sums.names()  # The same on every rank: all ran the same steps.
+        logs = state.epoch_sums.rank_means(sorted(names))
         if evaluate is not None:
             logs.update({f"val_{name}": value for name, value in evaluate(validation.for_epoch()).items()})
         hooks.on_epoch_end(epoch, logs)

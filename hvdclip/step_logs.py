@@ -3,9 +3,9 @@
 A step returns its metrics as scalar tensors. Reading one as a Python float waits for the device;
 adding it to a sum on the device does not. Means are read only when something is shown or written.
 
-* `StepSums`: sums kept in a variable that a compiled step adds to, so that summing costs no
-  eager op either.
-* `RunningMeans`: sums of the tensors a step returns, added eagerly.
+* `StepSums`: sums kept in a variable that `fit`'s compiled step adds to, so that summing costs
+  no eager op either (`fit`'s epoch means and the progress bar read them).
+* `RunningMeans`: sums of the tensors a callback is handed, added eagerly (TensorBoard's windows).
 """
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ class StepSums:
 class RunningMeans:
     """Sums of step metrics since the last `reset`, per metric (a step may report only some).
 
-    Only tensor values are metrics; anything else in the logs (such as `samples`) is ignored.
+    For a callback that keeps its own window of steps (TensorBoard): each `add` runs a cast and an
+    add per metric eagerly, but waits for nothing. Only tensor values are metrics; anything else in
+    the logs (such as `samples`) is ignored.
     """
 
     def __init__(self) -> None:
@@ -121,31 +123,6 @@ class RunningMeans:
                 self._sums[name] = self._sums[name] + value if name in self._sums else value
                 self._counts[name] = self._counts.get(name, 0) + 1
 
-    @property
-    def names(self) -> set[str]:
-        """The metrics added since the last reset."""
-        return set(self._sums)
-
     def tensors(self) -> dict[str, tf.Tensor]:
         """Each metric's mean as a float64 tensor, with no host sync."""
         return {name: total / self._counts[name] for name, total in sorted(self._sums.items())}
-
-    def means(self) -> dict[str, float]:
-        """Each metric's mean as a Python float (one host sync)."""
-        return {name: float(value) for name, value in self.tensors().items()}
-
-    def rank_means(self, names: list[str]) -> dict[str, float]:
-        """Each metric in `names` averaged over steps and over ranks: one allreduce, identical everywhere.
-
-        Every rank must call this with the same `names` after running the same steps. A metric no
-        step reported here counts as 0 over 0 steps, so its mean is NaN.
-        """
-        if not names:
-            return {}
-        zero = tf.constant(0.0, tf.float64)
-        sums = tf.stack([self._sums.get(name, zero) for name in names])
-        counts = tf.constant([float(self._counts.get(name, 0)) for name in names], tf.float64)
-        totals = hvd.allreduce(tf.stack([sums, counts]), op=hvd.Sum, name="hvdclip_epoch_means")
-        # 0/0 is NaN on purpose: an epoch resumed at its end has no steps left to average.
-        means = tf.math.divide(totals[0], totals[1]).numpy()
-        return {name: float(value) for name, value in zip(names, means)}

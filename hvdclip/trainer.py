@@ -158,6 +158,9 @@ class HvdClipTrainer:
         self._compiled_step = tf.function(self._step, reduce_retracing=True)
         self._compiled_accumulate = tf.function(self._accumulate, reduce_retracing=True)
         self._compiled_accumulated_step = tf.function(self._accumulated_step, reduce_retracing=True)
+        # fit's versions of the same three: each also counts the step and adds its metrics to the
+        # epoch's sums, so fit runs no eager op per step. train_step's do not: `global_step` counts fit's steps.
+        self._recorded = tuple(self._recording(step) for step in (self._step, self._accumulate, self._accumulated_step))
         self._compiled_checksum = tf.function(
             lambda: consistency.weights_checksum(horovod_bridge.as_tf_variables(self.model.variables))
         )
@@ -356,16 +359,29 @@ class HvdClipTrainer:
         lso.step_counter.assign(tf.where(grow, tf.zeros_like(lso.step_counter), lso.step_counter + 1))
         lso.dynamic_scale.assign(tf.where(grow, lso.dynamic_scale * 2.0, lso.dynamic_scale))
 
-    def _run_step(self, x: Any, y: Any) -> dict[str, tf.Tensor]:
+    def _recording(self, step: Callable) -> Callable:
+        """`step` then `FitState.record_step` (count it, sum its metrics), compiled as one function."""
+
+        def recorded(x: Any, y: Any) -> dict[str, tf.Tensor]:
+            metrics = step(x, y)
+            self._fit_state.record_step(metrics)
+            return metrics
+
+        return tf.function(recorded, reduce_retracing=True)
+
+    def _run_step(self, x: Any, y: Any, *, record: bool = False) -> dict[str, tf.Tensor]:
+        """One step (or micro-batch); with `record` (from fit), the compiled step also does fit's bookkeeping."""
         self._start(x)
+        compiled = (self._compiled_step, self._compiled_accumulate, self._compiled_accumulated_step)
+        step, accumulate, accumulated_step = self._recorded if record else compiled
         if self._accumulation_steps == 1:
-            metrics = self._compiled_step(x, y)
+            metrics = step(x, y)
         else:
             self._micro_step += 1
             if self._micro_step < self._accumulation_steps:
-                return self._compiled_accumulate(x, y)
+                return accumulate(x, y)
             self._micro_step = 0
-            metrics = self._compiled_accumulated_step(x, y)
+            metrics = accumulated_step(x, y)
         if self._max_consecutive_skips is not None and self._skip_nonfinite:
             consecutive = int(self._consecutive_skips.numpy())
             if consecutive >= self._max_consecutive_skips:

@@ -79,14 +79,24 @@ class InterruptAt(hvdclip.Callback):
             raise Interrupted(f"interrupted after step {step}")
 
 
+class StepLog(hvdclip.Callback):
+    """Records each step's metrics as Python floats, by global step (reading them waits for the device)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, dict[str, float]] = {}
+
+    def on_step_end(self, step, logs):
+        self.steps[step] = {name: float(value) for name, value in logs.items() if name != "samples"}
+
+
 def record_batches(trainer: hvdclip.HvdClipTrainer) -> list[list[int]]:
     """Makes `trainer` record the ids (first feature) of every batch it trains on."""
     seen: list[list[int]] = []
     run_step = trainer._run_step
 
-    def recording(x, y):
+    def recording(x, y, **kwargs):
         seen.append([int(i) for i in np.asarray(x)[:, 0]])
-        return run_step(x, y)
+        return run_step(x, y, **kwargs)
 
     trainer._run_step = recording
     return seen

@@ -79,9 +79,11 @@ def test_the_compiled_step_allreduces_and_never_broadcasts(world):
     )
     x, y = make_data(seed=rank, n=8)
     trainer.train_step(x, y)
-    graph_def = trainer._compiled_step.get_concrete_function(tf.constant(x), tf.constant(y)).graph.as_graph_def()
-    # Horovod's allreduce sits in nested functions, so look through the function library too.
-    op_types = {node.op for node in graph_def.node}
-    op_types |= {node.op for function in graph_def.library.function for node in function.node_def}
-    assert any("Allreduce" in t for t in op_types), sorted(t for t in op_types if "Horovod" in t)
-    assert not any("Broadcast" in t for t in op_types if t.startswith("Horovod")), sorted(op_types)
+    # train_step's compiled step, and fit's (the same step plus its counters and metric sums).
+    for step in (trainer._compiled_step, trainer._recorded[0]):
+        graph_def = step.get_concrete_function(tf.constant(x), tf.constant(y)).graph.as_graph_def()
+        # Horovod's allreduce sits in nested functions, so look through the function library too.
+        op_types = {node.op for node in graph_def.node}
+        op_types |= {node.op for function in graph_def.library.function for node in function.node_def}
+        assert any("Allreduce" in t for t in op_types), sorted(t for t in op_types if "Horovod" in t)
+        assert not any("Broadcast" in t for t in op_types if t.startswith("Horovod")), sorted(op_types)

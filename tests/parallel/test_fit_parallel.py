@@ -19,6 +19,7 @@ from support import allgather, checksum, make_data, make_mlp
 from training_support import (
     InterruptAt,
     Interrupted,
+    StepLog,
     id_dataset,
     record_batches,
     resumable_trainer,
@@ -157,6 +158,24 @@ def test_ranks_stop_together_and_share_the_epoch_logs(world):
 
     assert epochs.tolist() == [[0], [0]], "a stop asked by one rank stops every rank after that epoch"
     assert losses[0, 0] == losses[1, 0], "epoch logs are averaged over ranks, so identical"
+
+
+def test_history_is_the_mean_of_every_ranks_step_metrics(world):
+    rank, _ = world
+    x, y = make_data(seed=30 + rank, n=32)  # Different data, so per-rank losses differ: 4 steps per epoch.
+    trainer = plain_trainer()
+    log = StepLog()
+    history = trainer.fit(
+        tf.data.Dataset.from_tensor_slices((x, y)), epochs=2, batch_size=8, shard=False, callbacks=[log], verbose=0
+    )
+    names = sorted(history.history)
+    sums = [[sum(log.steps[step][name] for step in steps) for name in names] for steps in (range(1, 5), range(5, 9))]
+    every_sum = allgather(np.array(sums))  # [rank, epoch, metric]: this rank's float64 sum of the epoch's steps.
+    every_history = allgather(np.array([history.history[name] for name in names]).T)  # [rank, epoch, metric]
+
+    assert names == ["clip_active", "clipped_grad_norm", "grad_norm", "loss", "skipped"]
+    assert np.array_equal(every_history[0], every_history[1]), "every rank gets the same History"
+    np.testing.assert_array_equal(every_history[0], (every_sum[0] + every_sum[1]) / 8)
 
 
 def error_on_every_rank(action):

@@ -10,7 +10,10 @@ import tensorflow as tf
 import hvdclip
 from hvdclip.data import InputPlan
 from support import make_data, make_mlp
-from training_support import id_dataset, record_batches, resumable_trainer
+# Op callbacks see every op TensorFlow runs eagerly (and builds in a graph); tfdbg uses them too.
+from tensorflow.python.framework import op_callbacks
+
+from training_support import InterruptAt, Interrupted, StepLog, id_dataset, record_batches, resumable_trainer
 
 
 def trainer_for(model=None, lr=1e-2, **kwargs):
@@ -193,6 +196,127 @@ def test_verbose_2_prints_one_line_per_epoch_and_0_nothing(capsys):
     assert lines[1].startswith("2/2 - ") and "clip_rate:" in lines[1] and "val_loss:" in lines[1]
     trainer_for().fit(data, epochs=2, batch_size=8, verbose=0)
     assert capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------- bookkeeping inside the compiled step
+
+
+def counters(trainer):
+    state = trainer._fit_state
+    return [int(v.numpy()) for v in (state.global_step, state.epoch, state.epoch_step)]
+
+
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_history_and_counters_equal_a_reference_built_from_train_step(accumulation_steps):
+    x, y = make_data(seed=5, n=48, scale=0.3)  # Gradient norms of 0.7 to 3: some steps clip at 2, some not.
+
+    def make_trainer():
+        return hvdclip.HvdClipTrainer(
+            make_mlp(seed=1), keras.optimizers.SGD(0.05), keras.losses.MeanSquaredError(),
+            clip=hvdclip.clip_by_global_norm(2.0), accumulation_steps=accumulation_steps,
+        )
+
+    fitted = make_trainer()
+    history = fitted.fit(tf.data.Dataset.from_tensor_slices((x, y)), epochs=2, batch_size=8, verbose=0)
+
+    stepped = make_trainer()
+    expected = {}
+    for epoch in range(2):
+        reports = [stepped.train_step(x[i : i + 8], y[i : i + 8]) for i in range(0, 48, 8)]
+        for name in sorted({name for report in reports for name in report}):
+            values = [float(report[name]) for report in reports if name in report]
+            expected.setdefault(name, []).append(sum(values) / len(values))
+
+    assert history.history == expected, "History must be the float64 means of the steps' metrics, exactly"
+    assert 0 < sum(expected["clip_active"]) < 2, "the test should see steps that clip and steps that do not"
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(fitted.model.variables, stepped.model.variables))
+    assert counters(fitted) == [12, 2, 0]
+    assert counters(stepped) == [0, 0, 0], "train_step does not count fit's steps"
+    assert stepped._fit_state.epoch_sums.names() == set()
+    labels = [label for label, _ in fitted._named_state_variables()]
+    assert not any("step_sums" in label for label in labels), "epoch sums are per-rank scratch: not broadcast, not checkpointed"
+
+
+def test_a_resumed_run_counts_on_and_averages_the_steps_it_ran(tmp_path):
+    fit = dict(epochs=3, batch_size=8, shuffle_buffer=48, verbose=0)
+    data = id_dataset(48)  # 6 steps per epoch.
+    log = StepLog()
+    reference = resumable_trainer(seed=1)
+    reference.fit(data, callbacks=[log], **fit)
+
+    interrupted = resumable_trainer(seed=1)
+    with pytest.raises(Interrupted):
+        interrupted.fit(data, callbacks=[hvdclip.CheckpointSaver(tmp_path, every_n_steps=1), InterruptAt(8)], **fit)
+    assert counters(interrupted) == [8, 1, 2]
+    resumed = resumable_trainer(seed=1, model_seed=9, rng_seed=9)
+    resumed.restore(tmp_path)
+    assert counters(resumed) == [8, 1, 2]
+    resumed_log = StepLog()
+    history = resumed.fit(data, callbacks=[resumed_log], **fit)
+
+    assert counters(resumed) == counters(reference) == [18, 3, 0]
+    assert resumed_log.steps == {step: log.steps[step] for step in range(9, 19)}
+    for index, steps in enumerate([range(9, 13), range(13, 19)]):  # The rest of epoch 1, then epoch 2.
+        for name, values in history.history.items():
+            assert values[index] == sum(log.steps[step][name] for step in steps) / len(steps), (name, index)
+
+
+def test_the_live_progress_bar_shows_the_running_means_of_the_epoch_so_far(capsys):
+    class Shown(hvdclip.ProgressBar):
+        """Keeps the means that each redraw during an epoch shows (not the epoch's last line)."""
+
+        def __init__(self):
+            super().__init__(verbose=1, interval=0)  # Redraw after every step.
+            self.shown, self.in_step = [], False
+
+        def on_step_end(self, step, logs):
+            self.in_step = True
+            super().on_step_end(step, logs)
+            self.in_step = False
+
+        def _values(self, means):
+            if self.in_step:
+                self.shown.append(dict(means))
+            return super()._values(means)
+
+    bar, log = Shown(), StepLog()
+    trainer_for().fit(id_dataset(24), epochs=2, batch_size=8, callbacks=[log, bar], verbose=0)
+
+    def running_mean(steps):
+        return {name: sum(log.steps[step][name] for step in steps) / len(steps) for name in log.steps[steps[0]]}
+
+    assert bar.shown == [running_mean(steps) for steps in ([1], [1, 2], [1, 2, 3], [4], [4, 5], [4, 5, 6])]
+    assert "Epoch 2/2" in capsys.readouterr().out
+
+
+def test_fit_runs_no_eager_op_per_step_but_the_next_batch_and_the_compiled_step():
+    eager_ops = []
+
+    def spy(op_type, inputs, attrs, outputs, op_name=None, graph=None):
+        if graph is None:
+            eager_ops.append(op_type.decode() if isinstance(op_type, bytes) else op_type)
+
+    class Mark(hvdclip.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            eager_ops.append("<epoch>")
+
+        def on_step_end(self, step, logs):
+            eager_ops.append("<step>")
+
+    for accumulation_steps in (1, 2):
+        trainer = trainer_for(accumulation_steps=accumulation_steps)
+        eager_ops.clear()
+        op_callbacks.add_op_callback(spy)
+        try:  # verbose=2: the progress bar's per-step hook runs, but never redraws mid-epoch.
+            trainer.fit(id_dataset(48), epochs=2, batch_size=8, callbacks=[Mark()], verbose=2)
+        finally:
+            op_callbacks.remove_op_callback(spy)
+
+        text = " ".join(eager_ops)
+        between = [chunk.split() for epoch in text.split("<epoch>")[1:] for chunk in epoch.split("<step>")[1:-1]]
+        assert len(between) == 2 * 5, text
+        for ops in between:
+            assert len(ops) == 2 and ops[0] == "IteratorGetNext" and ops[1].startswith("__inference_recorded_"), ops
 
 
 # ---------------------------------------------------------------- bad input
