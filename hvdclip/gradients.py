@@ -23,8 +23,11 @@ __all__ = [
     "dedupe",
     "map_values",
     "scale",
+    "applied_factor",
     "scale_to_norm",
     "squared_norm",
+    "squared_norms",
+    "total",
     "global_norm",
     "sum_of_squares",
 ]
@@ -58,13 +61,20 @@ def map_values(fn: Callable[[tf.Tensor], tf.Tensor], grad: Gradient) -> Gradient
     if grad is None:
         return None
     if isinstance(grad, tf.IndexedSlices):
-        return type(grad)(fn(grad.values), grad.indices, grad.dense_shape)
+        kind = UniqueSlices if isinstance(grad, UniqueSlices) else tf.IndexedSlices
+        return kind(fn(grad.values), grad.indices, grad.dense_shape)
     return fn(grad)
 
 
 def scale(grad: Gradient, factor: tf.Tensor | float) -> Gradient:
     """Multiplies a gradient by `factor` (a scalar, or a tensor that broadcasts against its values)."""
     return map_values(lambda values: values * tf.cast(factor, values.dtype), grad)
+
+
+def applied_factor(factor: tf.Tensor | float, grad: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
+    """`factor` as `scale(grad, factor)` applies it: rounded to the gradient's dtype, as float32."""
+    dtype = (grad.values if isinstance(grad, tf.IndexedSlices) else grad).dtype
+    return tf.cast(tf.cast(factor, dtype), tf.float32)
 
 
 def scale_to_norm(norm: tf.Tensor, max_norm: tf.Tensor | float) -> tf.Tensor:
@@ -88,9 +98,19 @@ def squared_norm(grad: Gradient) -> tf.Tensor:
     return 2.0 * tf.nn.l2_loss(tf.cast(values, tf.float32))
 
 
+def squared_norms(grads: Sequence[Gradient]) -> list[tf.Tensor]:
+    """Each gradient's squared L2 norm (float32 scalars; 0 for `None`), aligned with `grads`."""
+    return [squared_norm(g) for g in grads]
+
+
+def total(squares: Sequence[tf.Tensor]) -> tf.Tensor:
+    """The sum of squared norms (0 for none): `sum_of_squares` from `squared_norms`' result."""
+    return tf.add_n(list(squares) or [tf.constant(0.0, tf.float32)])
+
+
 def sum_of_squares(grads: Sequence[Gradient]) -> tf.Tensor:
     """Sum of the squared L2 norms of all gradients: one float32 scalar."""
-    return tf.add_n([squared_norm(g) for g in grads] or [tf.constant(0.0, tf.float32)])
+    return total(squared_norms(grads))
 
 
 def global_norm(grads: Sequence[Gradient]) -> tf.Tensor:

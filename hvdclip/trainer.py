@@ -30,7 +30,8 @@ from hvdclip.fit_state import FitState
 from hvdclip.fitting import fit as run_fit
 from hvdclip.gradients import dedupe, global_norm, scale, sum_of_squares
 from hvdclip.rank_zero import on_rank_zero, writable_directory
-from hvdclip.transforms.base import GradientTransform, check_transform, identity, update_and_report
+from hvdclip.transforms.base import GradientTransform, check_transform, identity
+from hvdclip.transforms.report import update_and_report
 from hvdclip.validation import check_bool, check_callable, check_int, check_path
 
 __all__ = ["HvdClipTrainer", "History"]
@@ -317,6 +318,8 @@ class HvdClipTrainer:
                 # "Changed any element", not "norm went down": two norms of equal tensors computed
                 # in differently fused graphs can differ in the last bit.
                 clip_active = tf.reduce_any([_changed(a, b) for a, b in zip(grads, clipped) if a is not None])
+            # NaN != NaN would count a non-finite gradient as clipped: nothing was (see `skipped`).
+            clip_active = tf.logical_and(finite, clip_active)
         else:
             clipped, new_clip_state, clipped_norm, clip_active = grads, self._clip_state, grad_norm, tf.constant(False)
 
@@ -401,7 +404,8 @@ class HvdClipTrainer:
 
         `loss` is this rank's loss; `grad_norm` (before clipping) and `clipped_grad_norm` are
         norms of the reduced gradient, identical on every rank; `clip_active` says the clip stage
-        changed the gradient; `skipped` says the step was skipped for a non-finite gradient.
+        clipped (False on a non-finite gradient); `skipped` says the step was skipped for a
+        non-finite gradient.
         """
         check_batch(x, y)
         metrics = self._run_step(x, y)

@@ -14,8 +14,9 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from hvdclip.gradients import dedupe, global_norm, scale, scale_to_norm, squared_norm
-from hvdclip.transforms.base import ClipReport, GradientTransform, reporting
+from hvdclip.gradients import dedupe, scale_to_norm, squared_norms, total
+from hvdclip.transforms.base import GradientTransform, reporting
+from hvdclip.transforms.report import scale_with_report
 from hvdclip.validation import check_int, check_number, check_patterns
 
 __all__ = ["adaptive_grad_clip", "autoclip", "zclip", "AutoClipState", "ZClipState"]
@@ -83,20 +84,19 @@ def adaptive_grad_clip(clipping: float = 0.01, eps: float = 1e-3, exclude: Seque
     eps = check_number("eps", eps, gt=0)
     patterns = [re.compile(pattern) for pattern in check_patterns("exclude", exclude)]
 
-    def clip(grad, variable):
-        """The clipped gradient, its squared norm, and whether any unit was clipped."""
+    def unit_factors(grad, variable):
+        """The gradient (merged if sparse), its factor per unit and its squared norm per unit."""
         if grad is None:
-            return None, tf.constant(0.0), tf.constant(False)
+            return None, None, tf.constant(0.0)
         if any(pattern.search(_variable_path(variable)) for pattern in patterns):
-            return grad, squared_norm(grad), tf.constant(False)
+            return grad, tf.constant(1.0), squared_norms([grad])[0]
         axes = _unit_axes(variable.shape)
         if isinstance(grad, tf.IndexedSlices):
             grad = dedupe(grad)
         values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
         max_norms = clipping * tf.maximum(_unit_norms(tf.convert_to_tensor(variable), axes), eps)
         norms = _unit_norms(values, axes)
-        factors = scale_to_norm(norms, max_norms)
-        return scale(grad, factors), tf.reduce_sum(tf.square(norms * factors)), tf.reduce_any(factors < 1)
+        return grad, scale_to_norm(norms, max_norms), tf.square(norms)
 
     def update_with_report(grads, state, variables):
         if len(variables) != len(grads):
@@ -104,13 +104,14 @@ def adaptive_grad_clip(clipping: float = 0.01, eps: float = 1e-3, exclude: Seque
                 "adaptive_grad_clip compares each gradient with its variable, so `update` needs the "
                 f"variables aligned with the gradients. Received: {len(grads)} gradients, {len(variables)} variables"
             )
-        clipped, squares, active = [], [tf.constant(0.0)], [tf.constant(False)]
+        merged, factors, squares = [], [], []
         for grad, variable in zip(grads, variables):
-            grad, grad_squares, grad_active = clip(grad, variable)
-            clipped.append(grad)
-            squares.append(grad_squares)
-            active.append(grad_active)
-        return clipped, state, ClipReport(tf.sqrt(tf.add_n(squares)), tf.reduce_any(active))
+            grad, factor, squared = unit_factors(grad, variable)
+            merged.append(grad)
+            factors.append(factor)
+            squares.append(squared)
+        clipped, report = scale_with_report(merged, factors, squares)
+        return clipped, state, report
 
     return reporting(None, update_with_report)
 
@@ -171,13 +172,14 @@ def autoclip(percentile: float = 10, history: int = 1000) -> GradientTransform:
 
     def update_with_report(grads, state, variables):
         del variables
-        norm = global_norm(grads)
+        squares = squared_norms(grads)
+        norm = tf.sqrt(total(squares))
         slot = tf.math.floormod(tf.convert_to_tensor(state.count), history)
         norms = tf.tensor_scatter_nd_update(tf.convert_to_tensor(state.norms), [[slot]], [norm])
         count = state.count + 1
         threshold = _percentile(norms, tf.minimum(count, history), percentile)
-        factor = scale_to_norm(norm, threshold)
-        return [scale(g, factor) for g in grads], AutoClipState(norms, count), ClipReport(norm * factor, factor < 1)
+        clipped, report = scale_with_report(grads, scale_to_norm(norm, threshold), squares)
+        return clipped, AutoClipState(norms, count), report
 
     return reporting(init, update_with_report)
 
@@ -238,7 +240,8 @@ def zclip(alpha: float = 0.97, z_threshold: float = 2.5, warmup_steps: int = 25)
 
     def update_with_report(grads, state, variables):
         del variables
-        norm = global_norm(grads)
+        squares = squared_norms(grads)
+        norm = tf.sqrt(total(squares))
         count = tf.convert_to_tensor(state.count)
         mean, var = tf.convert_to_tensor(state.mean), tf.convert_to_tensor(state.var)
 
@@ -262,8 +265,7 @@ def zclip(alpha: float = 0.97, z_threshold: float = 2.5, warmup_steps: int = 25)
 
         new_mean = tf.where(warming_up, tf.where(warmup_ends, first_mean, mean), ema_mean)
         new_var = tf.where(warming_up, tf.where(warmup_ends, first_var, var), ema_var)
-        factor = tf.where(spike, scale_to_norm(norm, threshold), 1.0)
-        new_state = ZClipState(new_mean, new_var, warmup_norms, count + 1)
-        return [scale(g, factor) for g in grads], new_state, ClipReport(norm * factor, factor < 1)
+        clipped, report = scale_with_report(grads, tf.where(spike, scale_to_norm(norm, threshold), 1.0), squares)
+        return clipped, ZClipState(new_mean, new_var, warmup_norms, count + 1), report
 
     return reporting(init, update_with_report)

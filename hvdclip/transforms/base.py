@@ -9,11 +9,10 @@ A transform is a pair of functions:
   (dense tensors, `tf.IndexedSlices` or `None`, aligned with `variables`) and the current state
   (read from those variables), and returns new gradients and the new state to store.
 
-A transform may also have `update_with_report(grads, state, variables) -> (grads, state, report)`:
-the same update, plus a `ClipReport` of what it did (the output's global norm, whether it clipped),
-from numbers it computed anyway. The trainer logs those instead of measuring the output again,
-which would cost two more passes over every gradient on every step. `update` must return exactly
-the first two results of `update_with_report`; `reporting(init, update_with_report)` builds both.
+A transform built with `reporting(init, update_with_report)` also says what it did: its
+`update_with_report(grads, state, variables) -> (grads, state, ClipReport)` is the same update plus
+a `ClipReport` (the output's global norm, whether it clipped) from numbers it computed anyway, so
+the trainer need not measure the clipped gradient again (see `hvdclip.transforms.report`).
 """
 
 from __future__ import annotations
@@ -24,33 +23,10 @@ from typing import Any, NamedTuple
 import tensorflow as tf
 
 from hvdclip.gradients import Gradient
+from hvdclip.transforms.report import ClipReport, reporting_update, update_and_report
 from hvdclip.validation import check_callable
 
-__all__ = [
-    "ClipReport",
-    "GradientTransform",
-    "chain",
-    "check_transform",
-    "identity",
-    "reporting",
-    "stateless",
-    "update_and_report",
-]
-
-
-class ClipReport(NamedTuple):
-    """What a transform did, from numbers it computed anyway.
-
-    Attributes:
-        norm: the global L2 norm of the output gradients (a float32 scalar), or None when the
-            transform did not change it (then it is the input's).
-        active: a bool scalar, True when the transform clipped (scaled down or replaced) any
-            gradient. It is exact: a scale factor that is exactly 1 is not a clip.
-    """
-
-    norm: tf.Tensor | None
-    active: tf.Tensor
-
+__all__ = ["GradientTransform", "chain", "check_transform", "identity", "reporting", "stateless"]
 
 InitFn = Callable[[Sequence[tf.Variable]], Any]
 UpdateFn = Callable[[list[Gradient], Any, Sequence[tf.Variable]], tuple[list[Gradient], Any]]
@@ -58,11 +34,10 @@ ReportingUpdateFn = Callable[[list[Gradient], Any, Sequence[tf.Variable]], tuple
 
 
 class GradientTransform(NamedTuple):
-    """An `init`/`update` pair, and optionally `update_with_report`; see the module docstring."""
+    """An `init`/`update` pair; see the module docstring for the contract."""
 
     init: InitFn
     update: UpdateFn
-    update_with_report: ReportingUpdateFn | None = None
 
 
 def check_transform(name: str, value: Any, *, optional: bool = False) -> GradientTransform | None:
@@ -73,11 +48,7 @@ def check_transform(name: str, value: Any, *, optional: bool = False) -> Gradien
     """
     if optional and value is None:
         return None
-    if not isinstance(value, GradientTransform) or not (
-        callable(value.init)
-        and callable(value.update)
-        and (value.update_with_report is None or callable(value.update_with_report))
-    ):
+    if not isinstance(value, GradientTransform) or not (callable(value.init) and callable(value.update)):
         what = "a GradientTransform such as hvdclip.clip_by_global_norm(1.0)" + (", or None" if optional else "")
         raise TypeError(f"`{name}` must be {what}. Received: {name}={value!r}")
     return value
@@ -94,17 +65,21 @@ def stateless(update: UpdateFn) -> GradientTransform:
 
 
 def reporting(init: InitFn | None, update_with_report: ReportingUpdateFn) -> GradientTransform:
-    """A transform from `update_with_report`, with `update` derived from it (`init=None`: stateless).
+    """A transform whose `update` also reports what it did (`init=None`: a transform without state).
+
+    `update` is `update_with_report` without the report, and carries it (as `update.with_report`)
+    for the trainer, which logs the report's norm and `active` instead of measuring them.
 
     Example:
-        >>> from hvdclip.gradients import global_norm, scale, scale_to_norm
-        >>> def update_with_report(grads, state, variables):
-        ...     norm = global_norm(grads)
-        ...     factor = scale_to_norm(norm, 1.0)
-        ...     return [scale(g, factor) for g in grads], state, hvdclip.ClipReport(norm * factor, factor < 1)
+        >>> from hvdclip.gradients import scale_to_norm, squared_norms, total
+        >>> from hvdclip.transforms.report import scale_with_report
+        >>> def update_with_report(grads, state, variables):   # clip_by_global_norm(1.0)
+        ...     squares = squared_norms(grads)
+        ...     factor = scale_to_norm(tf.sqrt(total(squares)), 1.0)
+        ...     clipped, report = scale_with_report(grads, factor, squares)
+        ...     return clipped, state, report
         >>> clip = hvdclip.reporting(None, update_with_report)
     """
-
     if init is not None and not callable(init):
         raise TypeError(f"`init` must be callable, or None for a transform without state. Received: init={init!r}")
     check_callable("update_with_report", update_with_report)
@@ -113,23 +88,8 @@ def reporting(init: InitFn | None, update_with_report: ReportingUpdateFn) -> Gra
         grads, state, _ = update_with_report(grads, state, variables)
         return grads, state
 
-    return GradientTransform(init or _no_state, update, update_with_report)
-
-
-def update_and_report(
-    transform: GradientTransform, grads: list[Gradient], state: Any, variables: Sequence[tf.Variable]
-) -> tuple[list[Gradient], Any, ClipReport | None]:
-    """Runs `transform`, with its `ClipReport` when it makes one (else the report is None)."""
-    if transform.update_with_report is None:
-        grads, state = transform.update(grads, state, variables)
-        return list(grads), state, None
-    grads, state, report = transform.update_with_report(grads, state, variables)
-    if not isinstance(report, ClipReport):
-        raise TypeError(
-            "`update_with_report` must return (grads, state, hvdclip.ClipReport(norm, active)). "
-            f"Received a report of {report!r}"
-        )
-    return list(grads), state, report
+    update.with_report = update_with_report
+    return GradientTransform(init or _no_state, update)
 
 
 def identity() -> GradientTransform:
@@ -166,18 +126,17 @@ def chain(*transforms: GradientTransform) -> GradientTransform:
             new_states.append(inner_state)
         return list(grads), tuple(new_states)
 
-    if not all(t.update_with_report is not None for t in transforms):
-        return GradientTransform(init, update)
-
     def update_with_report(grads, state, variables):
         # The output's norm is the last one a member reported (a None keeps the one before it);
         # the chain clipped if any member did.
         new_states, norm, active = [], None, tf.constant(False)
         for transform, inner_state in zip(transforms, state):
-            grads, inner_state, report = transform.update_with_report(grads, inner_state, variables)
+            grads, inner_state, report = update_and_report(transform, grads, inner_state, variables)
             new_states.append(inner_state)
             norm = norm if report.norm is None else report.norm
             active = tf.logical_or(active, report.active)
         return list(grads), tuple(new_states), ClipReport(norm, active)
 
-    return GradientTransform(init, update, update_with_report)
+    if all(reporting_update(t.update) is not None for t in transforms):
+        return reporting(init, update_with_report)
+    return GradientTransform(init, update)

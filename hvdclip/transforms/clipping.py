@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from hvdclip.gradients import dedupe, global_norm, map_values, scale, scale_to_norm, squared_norm
-from hvdclip.transforms.base import ClipReport, GradientTransform, reporting
+from hvdclip.gradients import dedupe, global_norm, map_values, scale_to_norm, squared_norms, total
+from hvdclip.transforms.base import GradientTransform, reporting
+from hvdclip.transforms.report import ClipReport, scale_with_report
 from hvdclip.validation import check_number
 
 __all__ = ["clip_by_value", "clip_by_norm", "clip_by_global_norm"]
@@ -52,17 +53,10 @@ def clip_by_norm(max_norm: float) -> GradientTransform:
 
     def update_with_report(grads, state, variables):
         del variables
-        clipped, out_squares, active = [], [tf.constant(0.0)], [tf.constant(False)]
-        for grad in grads:
-            if grad is None:
-                clipped.append(None)
-                continue
-            squares = squared_norm(grad)
-            factor = scale_to_norm(tf.sqrt(squares), max_norm)
-            clipped.append(scale(grad, factor))
-            out_squares.append(squares * tf.square(factor))
-            active.append(factor < 1)
-        return clipped, state, ClipReport(tf.sqrt(tf.add_n(out_squares)), tf.reduce_any(active))
+        squares = squared_norms(grads)
+        factors = [None if g is None else scale_to_norm(tf.sqrt(sq), max_norm) for g, sq in zip(grads, squares)]
+        clipped, report = scale_with_report(grads, factors, squares)
+        return clipped, state, report
 
     return reporting(None, update_with_report)
 
@@ -80,8 +74,9 @@ def clip_by_global_norm(max_norm: float) -> GradientTransform:
 
     def update_with_report(grads, state, variables):
         del variables
-        norm = global_norm(grads)
-        factor = scale_to_norm(norm, max_norm)
-        return [scale(g, factor) for g in grads], state, ClipReport(norm * factor, factor < 1)
+        squares = squared_norms(grads)
+        factor = scale_to_norm(tf.sqrt(total(squares)), max_norm)
+        clipped, report = scale_with_report(grads, factor, squares)
+        return clipped, state, report
 
     return reporting(None, update_with_report)

@@ -7,7 +7,8 @@ from typing import Any, NamedTuple
 import tensorflow as tf
 
 from hvdclip.gradients import map_values, sum_of_squares
-from hvdclip.transforms.base import ClipReport, GradientTransform, check_transform, update_and_report
+from hvdclip.transforms.base import GradientTransform, check_transform, reporting
+from hvdclip.transforms.report import ClipReport, reporting_update, update_and_report
 from hvdclip.validation import check_int
 
 __all__ = ["skip_nonfinite", "SkipNonFiniteState"]
@@ -55,7 +56,7 @@ def skip_nonfinite(inner: GradientTransform, max_consecutive_skips: int | None =
         zero = tf.constant(0, tf.int64)
         return SkipNonFiniteState(inner.init(variables), zero, zero)
 
-    def wrapped(grads, state, variables, report):
+    def update_with_report(grads, state, variables):
         squares = sum_of_squares(grads)
         finite = tf.math.is_finite(squares)
         consecutive = tf.where(finite, tf.constant(0, tf.int64), state.consecutive + 1)
@@ -71,16 +72,17 @@ def skip_nonfinite(inner: GradientTransform, max_consecutive_skips: int | None =
         out = [map_values(lambda values: tf.where(run_inner, values, tf.zeros_like(values)), g) for g in inner_grads]
         skipped = state.skipped + tf.cast(tf.logical_not(run_inner), tf.int64)
         new_state = SkipNonFiniteState(kept_state, skipped, consecutive)
-        if not report:
-            return out, new_state
+        if inner_report is None:
+            return out, new_state, None
         inner_norm = tf.sqrt(squares) if inner_report.norm is None else inner_report.norm
         held_back = tf.logical_not(run_inner)  # The gradient became zeros: that is a change.
         return out, new_state, ClipReport(tf.where(run_inner, inner_norm, 0.0), inner_report.active | held_back)
 
-    def update(grads, state, variables):
-        return wrapped(grads, state, variables, report=False)
+    if reporting_update(inner.update) is not None:
+        return reporting(init, update_with_report)
 
-    def update_with_report(grads, state, variables):
-        return wrapped(grads, state, variables, report=True)
+    def update(grads, state, variables):  # Nothing to report from: the trainer measures.
+        grads, state, _ = update_with_report(grads, state, variables)
+        return grads, state
 
-    return GradientTransform(init, update, update_with_report if inner.update_with_report is not None else None)
+    return GradientTransform(init, update)

@@ -432,7 +432,7 @@ def test_cli_rejection_through_the_real_entry_point():
 # Public callables whose arguments are not swept, and why.
 NOT_SWEPT = {
     "GradientTransform": "a NamedTuple; checked where it is used (clip=, chain, inner), rows above",
-    "ClipReport": "a NamedTuple a transform returns; the trainer checks its type (test_transforms.py)",
+    "ClipReport": "a NamedTuple a transform returns; checked where it is used (test_clip_report.py)",
     "History": "what fit returns, not built by users",
     "Callback": "a base class without arguments; fit calls its hooks",
     **{name: "an exception: its argument is the message" for name in hvdclip.__all__ if name.endswith("Error")},

@@ -11,8 +11,8 @@ import tensorflow as tf
 
 import hvdclip
 from hvdclip.gradients import global_norm
-from hvdclip.transforms.base import update_and_report
-from support import make_data, make_mlp
+from hvdclip.transforms.report import reporting_update, update_and_report
+from support import make_clicks, make_data, make_embedding_model, make_mlp
 
 RNG = np.random.default_rng(7)
 
@@ -23,17 +23,13 @@ def variables():
     return [tf.Variable(RNG.normal(size=shape).astype("float32"), name=name.replace("/", "_")) for name, shape in shapes.items()]
 
 
-def gradients(scale):
+def gradients(scale, dtype="float32"):
     # Row 1 of the embedding gradient appears twice, as after Horovod's allgather.
-    sparse = tf.IndexedSlices(
-        tf.constant(RNG.normal(size=(4, 2)).astype("float32") * scale), tf.constant([1, 3, 1, 0]), tf.constant([5, 2])
-    )
-    return [
-        tf.constant(RNG.normal(size=(4, 3)).astype("float32") * scale),
-        tf.constant(RNG.normal(size=(3,)).astype("float32") * scale),
-        sparse,
-        None,
-    ]
+    def normal(shape):
+        return tf.constant(RNG.normal(size=shape) * scale, dtype)
+
+    sparse = tf.IndexedSlices(normal((4, 2)), tf.constant([1, 3, 1, 0]), tf.constant([5, 2]))
+    return [normal((4, 3)), normal((3,)), sparse, None]
 
 
 def dense(grad):
@@ -61,31 +57,55 @@ REPORTING = {
     "chain_identity_then_norm": hvdclip.chain(hvdclip.identity(), hvdclip.clip_by_norm(1.0)),
     "skip_nonfinite": hvdclip.skip_nonfinite(hvdclip.clip_by_global_norm(1.0)),
 }
+# How close the reported norm is to the measured one: float32 accumulates in float32 both ways;
+# in 16-bit dtypes the output is rounded after scaling, which the report (computed before) cannot see.
+NORM_TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2}
 
 
+@pytest.mark.parametrize("dtype", sorted(NORM_TOLERANCE))
 @pytest.mark.parametrize("name", sorted(REPORTING))
-def test_report_equals_measuring_the_output(name):
+def test_report_equals_measuring_the_output(name, dtype):
     transform, params = REPORTING[name], variables()
-    assert transform.update_with_report is not None, "every built-in transform reports"
+    assert reporting_update(transform.update) is not None, "every built-in transform reports"
     state = transform.init(params)
     actives = []
     for scale in SCALES:
-        grads = gradients(scale)
+        grads = gradients(scale, dtype)
         out, new_state, report = update_and_report(transform, grads, state, params)
         plain_out, plain_state = transform.update(grads, state, params)
 
-        # `update` is exactly `update_with_report` without the report.
+        # `update` is exactly the reporting update without the report.
         for a, b in zip(out, plain_out):
             assert (a is None) == (b is None) and (a is None or np.array_equal(dense(a), dense(b)))
         tf.nest.map_structure(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), new_state, plain_state)
 
         norm = global_norm(grads) if report.norm is None else report.norm
-        assert float(norm) == pytest.approx(float(global_norm(out)), rel=1e-5), f"scale {scale}"
+        assert float(norm) == pytest.approx(float(global_norm(out)), rel=NORM_TOLERANCE[dtype]), f"scale {scale}"
         assert bool(report.active) == changed(grads, out), f"scale {scale}"
         actives.append(bool(report.active))
         state = new_state
     if name != "identity":
         assert True in actives and False in actives, f"{name} should both clip and not clip over {SCALES}: {actives}"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_factor_that_rounds_to_one_in_the_gradients_dtype_is_not_a_clip(dtype):
+    grads = gradients(1.0, dtype)
+    norm = float(global_norm(grads))
+    out, _, report = update_and_report(hvdclip.clip_by_global_norm(norm * 0.99995), grads, (), variables())
+    assert not changed(grads, out), "the factor is exactly 1 in 16 bits"
+    assert bool(report.active) is False
+    assert float(report.norm) == pytest.approx(norm, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["clip_by_global_norm", "clip_by_norm", "autoclip"])
+def test_a_norm_that_overflows_is_reported_as_it_is_measured(name):
+    """A finite gradient whose squared norm overflows float32 gets the factor max/Inf = 0: zeros, not NaN."""
+    grads = [tf.constant([1e20, 1.0]), tf.constant([3.0])]
+    transform = REPORTING[name]
+    out, _, report = update_and_report(transform, grads, transform.init([]), [])
+    assert float(report.norm) == pytest.approx(float(global_norm(out)), rel=1e-6)
+    assert bool(report.active) == changed(grads, out)
 
 
 def test_skip_nonfinite_reports_the_zeros_it_puts_in_place_of_a_nan_gradient():
@@ -97,45 +117,93 @@ def test_skip_nonfinite_reports_the_zeros_it_puts_in_place_of_a_nan_gradient():
     assert bool(report.active) is True
 
 
+# ----------------------------------------------------------------------------------- the protocol
+
+
+def test_a_transform_is_still_a_pair():
+    init, update = hvdclip.clip_by_global_norm(1.0)
+    assert callable(init) and callable(update)
+
+
 def test_chain_reports_only_when_every_member_does():
-    unreported = hvdclip.GradientTransform(*hvdclip.clip_by_norm(1.0)[:2])
-    assert unreported.update_with_report is None
-    assert hvdclip.chain(hvdclip.clip_by_value(1.0), unreported).update_with_report is None
-    assert hvdclip.chain(hvdclip.clip_by_value(1.0), hvdclip.clip_by_norm(1.0)).update_with_report is not None
+    unreported = hvdclip.GradientTransform(*hvdclip.clip_by_norm(1.0))
+    plain_update = lambda grads, state, variables: (grads, state)  # noqa: E731
+    unreported = unreported._replace(update=plain_update)
+    assert reporting_update(unreported.update) is None
+    assert reporting_update(hvdclip.chain(hvdclip.clip_by_value(1.0), unreported).update) is None
+    assert reporting_update(hvdclip.chain(hvdclip.clip_by_value(1.0), hvdclip.clip_by_norm(1.0)).update) is not None
+    assert reporting_update(hvdclip.skip_nonfinite(unreported).update) is None
+    assert reporting_update(hvdclip.skip_nonfinite(hvdclip.clip_by_norm(1.0)).update) is not None
 
 
-def test_update_with_report_must_return_a_clip_report():
+def test_replacing_update_drops_the_report_so_the_new_update_is_what_runs():
+    zeros = lambda grads, state, variables: ([None if g is None else tf.zeros_like(g) for g in grads], state)  # noqa: E731
+    replaced = hvdclip.clip_by_global_norm(1.0)._replace(update=zeros)
+    metrics = run(replaced, steps=1)[0]
+    assert metrics["clipped_grad_norm"] == 0.0 and metrics["clip_active"] is True
+
+
+def lying(report):
     def update_with_report(grads, state, variables):
-        return grads, state, (1.0, True)
+        return list(grads), state, report
 
-    transform = hvdclip.reporting(None, update_with_report)
-    with pytest.raises(TypeError, match=r"must return \(grads, state, hvdclip.ClipReport\(norm, active\)\)\. Received a report of \(1\.0, True\)"):
-        update_and_report(transform, gradients(1.0), (), variables())
+    return hvdclip.reporting(None, update_with_report)
+
+
+@pytest.mark.parametrize(
+    "report, shown",
+    [
+        ((1.0, True), r"\(1\.0, True\)"),
+        (hvdclip.ClipReport(None, None), r"ClipReport\(norm=None, active=None\)"),
+        (hvdclip.ClipReport(tf.constant([1.0, 2.0]), tf.constant(True)), r"ClipReport\(norm=<tf\.Tensor"),
+    ],
+    ids=["tuple", "active-none", "norm-vector"],
+)
+@pytest.mark.parametrize("in_chain", [False, True], ids=["alone", "in-chain"])
+def test_a_malformed_report_is_refused_with_what_was_received(report, shown, in_chain):
+    transform = lying(report)
+    if in_chain:
+        transform = hvdclip.chain(hvdclip.clip_by_value(1.0), transform)
+    with pytest.raises(TypeError, match=r"`update_with_report` must return \(grads, state, hvdclip\.ClipReport\(norm, active\)\), "
+                       r"with `norm` a float32 scalar or None and `active` a bool scalar\. Received: report=" + shown):
+        update_and_report(transform, gradients(1.0), transform.init([]), variables())
 
 
 # ------------------------------------------------------------------------------- in the trainer
 
 
-def run(clip, steps=12):
-    x, y = make_data(seed=5, n=steps * 8)
-    trainer = hvdclip.HvdClipTrainer(make_mlp(seed=2), keras.optimizers.SGD(0.05), keras.losses.MeanSquaredError(), clip=clip)
+def run(clip, steps=12, sparse=False):
+    if sparse:
+        model, loss = make_embedding_model(seed=2), keras.losses.BinaryCrossentropy(from_logits=True)
+        x, y = make_clicks(seed=5, n=steps * 8)
+        y = (y > 3.0).astype("float32")
+    else:
+        model, loss = make_mlp(seed=2), keras.losses.MeanSquaredError()
+        x, y = make_data(seed=5, n=steps * 8)
+    trainer = hvdclip.HvdClipTrainer(model, keras.optimizers.SGD(0.05), loss, clip=clip)
     return [trainer.train_step(x[i * 8 : (i + 1) * 8], y[i * 8 : (i + 1) * 8]) for i in range(steps)]
 
 
-# Thresholds at which each method clips some of run()'s steps and not others (norms 6-33).
+# Thresholds at which each method clips some of run()'s steps and not others.
 IN_THE_TRAINER = {
-    "clip_by_global_norm": hvdclip.clip_by_global_norm(15.0),
-    "clip_by_value": hvdclip.clip_by_value(5.0),
-    "agc": hvdclip.adaptive_grad_clip(100.0),
-    "zclip": hvdclip.zclip(alpha=0.9, z_threshold=1.0, warmup_steps=3),
+    "clip_by_global_norm": (hvdclip.clip_by_global_norm(15.0), False),
+    "clip_by_norm": (hvdclip.clip_by_norm(10.0), False),
+    "clip_by_value": (hvdclip.clip_by_value(5.0), False),
+    "agc": (hvdclip.adaptive_grad_clip(100.0), False),
+    "zclip": (hvdclip.zclip(alpha=0.9, z_threshold=1.0, warmup_steps=3), False),
+    "chain": (hvdclip.chain(hvdclip.clip_by_value(8.0), hvdclip.clip_by_global_norm(15.0)), False),
+    "skip_nonfinite": (hvdclip.skip_nonfinite(hvdclip.clip_by_global_norm(15.0)), False),
+    "sparse_global_norm": (hvdclip.clip_by_global_norm(0.42), True),
+    "sparse_agc": (hvdclip.adaptive_grad_clip(2.0, eps=0.1), True),
 }
 
 
 @pytest.mark.parametrize("name", sorted(IN_THE_TRAINER))
 def test_trainer_metrics_from_the_report_equal_the_measured_ones(name):
-    transform = IN_THE_TRAINER[name]
-    measured = run(hvdclip.GradientTransform(transform.init, transform.update))  # No report: the trainer measures.
-    reported = run(transform)
+    transform, sparse = IN_THE_TRAINER[name]
+    plain_update = lambda grads, state, variables: transform.update(grads, state, variables)  # noqa: E731
+    measured = run(hvdclip.GradientTransform(transform.init, plain_update), sparse=sparse)  # No report: measured.
+    reported = run(transform, sparse=sparse)
     assert [m["clip_active"] for m in reported] == [m["clip_active"] for m in measured]
     for a, b in zip(reported, measured):
         assert a["clipped_grad_norm"] == pytest.approx(b["clipped_grad_norm"], rel=1e-5)
@@ -145,9 +213,16 @@ def test_trainer_metrics_from_the_report_equal_the_measured_ones(name):
 
 def test_trainer_logs_what_the_report_says():
     """The trainer takes the transform's word: a report that lies shows in the metrics."""
-
-    def update_with_report(grads, state, variables):
-        return list(grads), state, hvdclip.ClipReport(tf.constant(42.0), tf.constant(True))
-
-    metrics = run(hvdclip.reporting(None, update_with_report), steps=1)[0]
+    metrics = run(lying(hvdclip.ClipReport(tf.constant(42.0), tf.constant(True))), steps=1)[0]
     assert metrics["clipped_grad_norm"] == 42.0 and metrics["clip_active"] is True
+
+
+@pytest.mark.parametrize("reports", [True, False], ids=["reported", "measured"])
+def test_a_non_finite_gradient_is_not_a_clip(reports):
+    transform = hvdclip.clip_by_global_norm(1.0)
+    if not reports:
+        transform = transform._replace(update=lambda grads, state, variables: hvdclip.clip_by_global_norm(1.0).update(grads, state, variables))
+    x, y = make_data(seed=5, n=8)
+    trainer = hvdclip.HvdClipTrainer(make_mlp(seed=2), keras.optimizers.SGD(0.05), keras.losses.MeanSquaredError(), clip=transform)
+    metrics = trainer.train_step(np.where(np.arange(8)[:, None] == 3, np.nan, x).astype("float32"), y)
+    assert metrics["skipped"] is True and metrics["clip_active"] is False
