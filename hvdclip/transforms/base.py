@@ -26,7 +26,7 @@ from hvdclip.gradients import Gradient
 from hvdclip.transforms.report import ClipReport, reporting_update, update_and_report
 from hvdclip.validation import check_callable
 
-__all__ = ["GradientTransform", "chain", "check_transform", "identity", "reporting", "stateless"]
+__all__ = ["GradientTransform", "chain", "check_transform", "from_reporting_update", "identity", "reporting"]
 
 InitFn = Callable[[Sequence[tf.Variable]], Any]
 UpdateFn = Callable[[list[Gradient], Any, Sequence[tf.Variable]], tuple[list[Gradient], Any]]
@@ -59,11 +59,6 @@ def _no_state(variables):
     return ()
 
 
-def stateless(update: UpdateFn) -> GradientTransform:
-    """A transform from an `update` that keeps no state: its `init` returns `()`."""
-    return GradientTransform(_no_state, update)
-
-
 def reporting(init: InitFn | None, update_with_report: ReportingUpdateFn) -> GradientTransform:
     """A transform whose `update` also reports what it did (`init=None`: a transform without state).
 
@@ -83,12 +78,23 @@ def reporting(init: InitFn | None, update_with_report: ReportingUpdateFn) -> Gra
     if init is not None and not callable(init):
         raise TypeError(f"`init` must be callable, or None for a transform without state. Received: init={init!r}")
     check_callable("update_with_report", update_with_report)
+    return from_reporting_update(init, update_with_report, reports=True)
+
+
+def from_reporting_update(init: InitFn | None, update_with_report: Callable, *, reports: bool) -> GradientTransform:
+    """The transform whose `update` is `update_with_report` without its report.
+
+    With `reports`, `update` carries `update_with_report` for the trainer (what `reporting` builds).
+    Without, the report is dropped: for a combinator (`chain`, `skip_nonfinite`) whose
+    `update_with_report` returns None as its report when a transform inside it does not report.
+    """
 
     def update(grads, state, variables):
         grads, state, _ = update_with_report(grads, state, variables)
         return grads, state
 
-    update.with_report = update_with_report
+    if reports:
+        update.with_report = update_with_report
     return GradientTransform(init or _no_state, update)
 
 
@@ -119,24 +125,19 @@ def chain(*transforms: GradientTransform) -> GradientTransform:
     def init(variables):
         return tuple(t.init(variables) for t in transforms)
 
-    def update(grads, state, variables):
-        new_states = []
-        for transform, inner_state in zip(transforms, state):
-            grads, inner_state = transform.update(grads, inner_state, variables)
-            new_states.append(inner_state)
-        return list(grads), tuple(new_states)
-
     def update_with_report(grads, state, variables):
-        # The output's norm is the last one a member reported (a None keeps the one before it);
-        # the chain clipped if any member did.
-        new_states, norm, active = [], None, tf.constant(False)
+        new_states, reports = [], []
         for transform, inner_state in zip(transforms, state):
             grads, inner_state, report = update_and_report(transform, grads, inner_state, variables)
             new_states.append(inner_state)
-            norm = norm if report.norm is None else report.norm
-            active = tf.logical_or(active, report.active)
+            reports.append(report)
+        if None in reports:  # A member that does not report: the chain's output must be measured.
+            return list(grads), tuple(new_states), None
+        # The output's norm is the last one a member reported (a None keeps the one before it);
+        # the chain clipped if any member did.
+        norm = next((report.norm for report in reversed(reports) if report.norm is not None), None)
+        active = tf.reduce_any([report.active for report in reports]) if reports else tf.constant(False)
         return list(grads), tuple(new_states), ClipReport(norm, active)
 
-    if all(reporting_update(t.update) is not None for t in transforms):
-        return reporting(init, update_with_report)
-    return GradientTransform(init, update)
+    every_member_reports = all(reporting_update(t.update) is not None for t in transforms)
+    return from_reporting_update(init, update_with_report, reports=every_member_reports)

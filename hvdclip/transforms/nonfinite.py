@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import tensorflow as tf
 
 from hvdclip.gradients import map_values, sum_of_squares
-from hvdclip.transforms.base import GradientTransform, check_transform, reporting
+from hvdclip.transforms.base import GradientTransform, check_transform, from_reporting_update
 from hvdclip.transforms.report import ClipReport, reporting_update, update_and_report
 from hvdclip.validation import check_int
 
@@ -78,11 +78,5 @@ def skip_nonfinite(inner: GradientTransform, max_consecutive_skips: int | None =
         held_back = tf.logical_not(run_inner)  # The gradient became zeros: that is a change.
         return out, new_state, ClipReport(tf.where(run_inner, inner_norm, 0.0), inner_report.active | held_back)
 
-    if reporting_update(inner.update) is not None:
-        return reporting(init, update_with_report)
-
-    def update(grads, state, variables):  # Nothing to report from: the trainer measures.
-        grads, state, _ = update_with_report(grads, state, variables)
-        return grads, state
-
-    return GradientTransform(init, update)
+    # Without an inner report there is nothing to report from: the trainer measures the output.
+    return from_reporting_update(init, update_with_report, reports=reporting_update(inner.update) is not None)
