@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import hvdclip
-from hvdclip import horovod_bridge
+from hvdclip.distributed import bridge as horovod_bridge
 from support import allgather, checksum, make_data, make_mlp
 
 STEPS = 30

@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 import hvdclip
-from hvdclip import horovod_bridge
+from hvdclip.distributed import bridge as horovod_bridge
 from support import allgather, checksum, make_data, make_mlp
 
 
@@ -67,7 +67,7 @@ def test_fit_from_different_initial_weights_broadcasts_once(world, monkeypatch):
     assert (after_optimizer == after_optimizer[0]).all()
     assert len(calls) == 1, f"expected exactly one broadcast for 18 steps, saw {len(calls)}"
     # The single broadcast carried everything together: model, optimizer and the counters fit checkpoints.
-    assert calls[0] == len(trainer._state_variables()) > len(model.variables) + len(optimizer.variables)
+    assert calls[0] == len(trainer.named_state_variables()) > len(model.variables) + len(optimizer.variables)
     assert trainer.broadcast_count == 1
     assert len(history.history["loss"]) == 3
 
@@ -80,7 +80,7 @@ def test_the_compiled_step_allreduces_and_never_broadcasts(world):
     x, y = make_data(seed=rank, n=8)
     trainer.train_step(x, y)
     # train_step's compiled step, and fit's (the same step plus its counters and metric sums).
-    for step in (trainer._compiled_step, trainer._recorded[0]):
+    for step in (trainer._compiled["step"],):
         graph_def = step.get_concrete_function(tf.constant(x), tf.constant(y)).graph.as_graph_def()
         # Horovod's allreduce sits in nested functions, so look through the function library too.
         op_types = {node.op for node in graph_def.node}

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import hvdclip
-from hvdclip import horovod_bridge
+from hvdclip.distributed import bridge as horovod_bridge
 from support import allgather, checksum, make_clicks, make_data, make_embedding_model, make_mlp
 
 MAX_NORM = 0.5

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 import hvdclip
-from hvdclip import checkpoint
+from hvdclip.trainer import checkpoint
 from support import make_mlp
 from training_support import (
     InterruptAt,
@@ -158,7 +158,7 @@ _SAVER = textwrap.dedent(
     import sys
     import tensorflow as tf
     import hvdclip
-    from hvdclip import checkpoint
+    from hvdclip.trainer import checkpoint
     hvdclip.init()
     named = [(f"v{i}", tf.Variable(tf.zeros([512, 1024]))) for i in range(4)]
     manager = tf.train.CheckpointManager(checkpoint._checkpoint(named), sys.argv[1], max_to_keep=2)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hvdclip import consistency
+from hvdclip.distributed import consistency
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])

@@ -17,22 +17,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import horovod.tensorflow as hvd
 import tensorflow as tf
 
-from hvdclip import runtime
-from hvdclip.callbacks import CallbackList, ProgressBar
-from hvdclip.data import InputPlan, batch_size_of
-from hvdclip.evaluation import Evaluator, check_metrics
+from hvdclip.distributed import runtime
+from hvdclip.distributed.collectives import agree_any
+from hvdclip.trainer.callbacks import CallbackList, ProgressBar
+from hvdclip.trainer.data import InputPlan, batch_size_of
+from hvdclip.trainer.evaluation import Evaluator, check_metrics
 from hvdclip.validation import check_int
 
 __all__ = ["fit"]
-
-
-def _agree_to_stop(wanted: bool) -> bool:
-    """True on every rank if any rank's callbacks asked to stop."""
-    vote = hvd.allreduce(tf.constant(int(bool(wanted)), tf.int32), op=hvd.Max, name="hvdclip_stop_training")
-    return bool(int(vote) > 0)
 
 
 def fit(
@@ -52,7 +46,7 @@ def fit(
 ) -> None:
     """Runs `HvdClipTrainer.fit` (whose docstring describes the arguments), filling `history`."""
     runtime.require_initialized("HvdClipTrainer.fit")
-    rank, size = hvd.rank(), hvd.size()
+    rank, size = runtime.rank(), runtime.size()
     plan = InputPlan.checked(
         "dataset", dataset, rank=rank, size=size, shard=shard, batch_size=batch_size, shuffle_buffer=shuffle_buffer
     )
@@ -71,11 +65,11 @@ def fit(
     user_callbacks = CallbackList.checked(callbacks)
     verbose = check_int("verbose", verbose, ge=0, le=2)
 
-    steps = trainer._agreed_steps(plan.for_epoch(), steps_per_epoch)
+    steps = trainer.agreed_steps(plan.for_epoch(), steps_per_epoch)
     if rank == 0:
         plan.warn_if_uneven()
-    trainer._start_on(plan)
-    state = trainer._fit_state
+    trainer.start_on(plan)
+    state = trainer.fit_state
     if state.resume_pending:
         state.resume_pending = False
     else:
@@ -99,7 +93,7 @@ def fit(
         state.epoch_sums.reset()
         hooks.on_epoch_begin(epoch, {"first_step": first})
         for x, y in plan.for_epoch(seed).take(steps).skip(first):
-            metrics_now = trainer._run_step(x, y, record=True)  # Also advances the counters in `state`.
+            metrics_now = trainer.run_step(x, y)  # Also advances the counters in `state`.
             global_step += 1
             hooks.on_step_end(global_step, {**metrics_now, "samples": batch_size_of(x)})
         state.epoch.assign_add(1)
@@ -113,7 +107,7 @@ def fit(
         for name, value in logs.items():
             history.history.setdefault(name, []).append(value)
         history.epochs.append(epoch)
-        if _agree_to_stop(trainer.stop_training):
+        if agree_any(trainer.stop_training, "stop_training"):
             trainer.stop_training = True
             break
     hooks.on_train_end(logs)

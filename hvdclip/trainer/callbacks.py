@@ -15,8 +15,8 @@ from typing import Any
 
 import keras
 
-from hvdclip.rank_zero import is_rank_zero
-from hvdclip.step_logs import display_name
+from hvdclip.distributed.rank_zero import is_rank_zero
+from hvdclip.trainer.step_logs import display_name
 from hvdclip.validation import check_int, check_number
 
 __all__ = ["Callback", "CallbackList", "ProgressBar", "EarlyStopping"]
@@ -160,7 +160,7 @@ class ProgressBar(Callback):
         now = self._last_step = time.perf_counter()
         if self.verbose == 1 and now - self._last_draw >= self.interval:
             self._last_draw = now
-            means = self.trainer._fit_state.epoch_sums.means()  # This rank's steps of the epoch so far.
+            means = self.trainer.fit_state.epoch_sums.means()  # This rank's steps of the epoch so far.
             self._bar.update(self._done, self._values(means), finalize=False)
 
     def on_epoch_end(self, epoch, logs):

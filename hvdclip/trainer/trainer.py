@@ -1,37 +1,35 @@
-"""`HvdClipTrainer`: Horovod data-parallel training that clips the globally reduced gradient.
+"""`HvdClipTrainer`: door 3, a facade over the core step (`hvdclip.Clipper`) with a `fit` loop.
 
-One step, compiled once with `tf.function`, in the order the math happens:
+Its step, compiled once per mode with `tf.function`, is the core's, in the order the math happens:
 
-    loss under a tape -> Horovod allreduce (average) -> clip stage -> optimizer.apply_gradients
+    loss under a tape -> reduce over ranks -> unscale -> merge sparse rows -> clip -> guard -> apply
 
-Rank 0's model, optimizer and clip state reach every rank by one broadcast before step 1; the
-step itself never broadcasts. Because clipping follows the allreduce, every rank clips the same
-gradient the same way, so ranks stay bit-identical without re-broadcasting weights.
+Rank 0's model, optimizer, clip state and loop counters reach every rank by one broadcast before
+step 1; the step itself never broadcasts.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import horovod.tensorflow as hvd
 import keras
 import tensorflow as tf
 
-from hvdclip import consistency, horovod_bridge, runtime
-from hvdclip.checkpoint import read as read_checkpoint
-from hvdclip.data import InputPlan, check_batch
+from hvdclip.core.step import Clipper
+from hvdclip.distributed import consistency, runtime
+from hvdclip.distributed.bridge import as_tf_variables
+from hvdclip.distributed.collectives import agree_min
+from hvdclip.distributed.rank_zero import on_rank_zero, writable_directory
 from hvdclip.errors import CheckpointError, NonFiniteGradientError
-from hvdclip.evaluation import Evaluator, check_metrics
-from hvdclip.fit_state import FitState
-from hvdclip.fitting import fit as run_fit
-from hvdclip.gradients import dedupe, global_norm, scale, sum_of_squares
-from hvdclip.rank_zero import on_rank_zero, writable_directory
-from hvdclip.transforms.base import GradientTransform, check_transform, identity
-from hvdclip.transforms.report import update_and_report
+from hvdclip.trainer.checkpoint import read as read_checkpoint
+from hvdclip.trainer.data import InputPlan, check_batch
+from hvdclip.trainer.evaluation import Evaluator, check_metrics
+from hvdclip.trainer.fit_state import FitState
+from hvdclip.trainer.loop import fit as run_fit
+from hvdclip.transforms.base import GradientTransform
 from hvdclip.validation import check_bool, check_callable, check_int, check_path
 
 __all__ = ["HvdClipTrainer", "History"]
@@ -43,21 +41,6 @@ class History:
 
     history: dict[str, list[float]] = field(default_factory=dict)
     epochs: list[int] = field(default_factory=list)
-
-
-def _changed(before: Any, after: Any) -> tf.Tensor:
-    """Whether a transform changed one gradient (a scalar bool tensor)."""
-    if after is None or isinstance(before, tf.IndexedSlices) != isinstance(after, tf.IndexedSlices):
-        return tf.constant(True)  # Dropped, or turned dense/sparse: certainly changed.
-    if not isinstance(before, tf.IndexedSlices):
-        return tf.reduce_any(tf.not_equal(before, after))
-    same_rows = tf.reduce_all(tf.equal(tf.shape(before.values), tf.shape(after.values)))
-    return tf.cond(
-        same_rows,
-        lambda: tf.reduce_any(tf.not_equal(before.values, after.values))
-        | tf.reduce_any(tf.not_equal(before.indices, after.indices)),
-        lambda: tf.constant(True),
-    )
 
 
 class HvdClipTrainer:
@@ -77,14 +60,14 @@ class HvdClipTrainer:
         sparse_as_dense: allreduce embedding gradients as dense tensors instead of allgathering
             their rows.
         compression: `"fp16"` halves allreduce traffic (gradients are cast back after); `None`.
+        accumulation_steps: sum the local gradients of this many consecutive `train_step` calls
+            (micro-batches), then reduce, clip and apply once. The calls in between report only
+            `loss`.
         check_consistency_every: every this many steps, allgather one checksum of the weights and
             raise `RankMismatchError` if ranks have drifted apart; `None` never checks.
-        accumulation_steps: sum the local gradients of this many consecutive `train_step` calls
-            (micro-batches), then allreduce, clip and apply once. The calls in between report only
-            `loss`.
 
     Mixed precision: with `keras.mixed_precision.set_global_policy("mixed_float16")` and a
-    `keras.optimizers.LossScaleOptimizer`, the step scales the loss, allreduces, *unscales*, then
+    `keras.optimizers.LossScaleOptimizer`, the step scales the loss, reduces, *unscales*, then
     clips, and applies with the inner optimizer. An overflowing step is skipped on every rank and
     the loss scale halved, whatever `skip_nonfinite` says.
 
@@ -114,29 +97,13 @@ class HvdClipTrainer:
             raise TypeError(f"`model` must be a keras.Model (Keras 3). Received: model={model!r}")
         if model.built and not model.trainable_variables:
             raise ValueError(f"`model` has no trainable variables (is it frozen?). Received: model={model.name!r}")
-        if not isinstance(optimizer, keras.optimizers.Optimizer):
-            raise TypeError(
-                f"`optimizer` must be a Keras 3 optimizer such as keras.optimizers.Adam(). Received: optimizer={optimizer!r}"
-            )
-        self._loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        # The optimizer that applies the (unscaled, clipped) gradient.
-        self._applier = optimizer.inner_optimizer if self._loss_scaling else optimizer
-        for keyword in ("clipnorm", "clipvalue", "global_clipnorm"):
-            value = getattr(optimizer, keyword, None) or getattr(self._applier, keyword, None)
-            if value is not None:
-                raise ValueError(
-                    f"`optimizer` clips by itself ({keyword}={value!r}), which would clip "
-                    "the gradient a second time; pass clipping as `clip=` instead, e.g. "
-                    "clip=hvdclip.clip_by_global_norm(1.0)."
-                )
+        self.clipper = Clipper(
+            optimizer, clip, skip_nonfinite=skip_nonfinite, compression=compression, sparse_as_dense=sparse_as_dense
+        )
         check_callable("loss_fn", loss_fn)
-        check_transform("clip", clip, optional=True)
-        self._skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
         if max_consecutive_skips is not None:
             check_int("max_consecutive_skips", max_consecutive_skips, ge=1)
         self._max_consecutive_skips = max_consecutive_skips
-        self._sparse_as_dense = check_bool("sparse_as_dense", sparse_as_dense)
-        self._compression = horovod_bridge.compression_for(compression)
         self._accumulation_steps = check_int("accumulation_steps", accumulation_steps, ge=1)
         if check_consistency_every is not None:
             check_int("check_consistency_every", check_consistency_every, ge=1)
@@ -147,54 +114,45 @@ class HvdClipTrainer:
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
-        self.clip = clip if clip is not None else identity()
-        self._clipping = clip is not None
+        self.clip = self.clipper.transform
 
-        self._built = False
         self._started = False
-        self._broadcast_count = 0
-        self._clip_state: Any = ()
         self._accumulators: list[tf.Variable] = []
         self._micro_step = 0  # Calls since the last optimizer step, with accumulation_steps > 1.
-        self._compiled_step = tf.function(self._step, reduce_retracing=True)
-        self._compiled_accumulate = tf.function(self._accumulate, reduce_retracing=True)
-        self._compiled_accumulated_step = tf.function(self._accumulated_step, reduce_retracing=True)
-        # fit's versions of the same three: each also counts the step and adds its metrics to the
-        # epoch's sums, so fit runs no eager op per step. train_step's do not: `global_step` counts fit's steps.
-        self._recorded = tuple(self._recording(step) for step in (self._step, self._accumulate, self._accumulated_step))
-        self._compiled_checksum = tf.function(
-            lambda: consistency.weights_checksum(horovod_bridge.as_tf_variables(self.model.variables))
-        )
-        # Counters live in variables so that a compiled step can update them without a host sync.
-        self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="hvdclip_skipped_steps")
-        self._consecutive_skips = tf.Variable(0, dtype=tf.int64, trainable=False, name="hvdclip_consecutive_skips")
-        self._fit_state = FitState()  # fit's step/epoch counters and shuffle RNG, broadcast and checkpointed.
+        # One compiled function per mode; each also counts the step and adds its metrics to the
+        # epoch's sums, so fit runs no eager op per step.
+        self._compiled = {
+            "step": tf.function(self._recorded(self._step), reduce_retracing=True),
+            "accumulate": tf.function(self._recorded(self._accumulate), reduce_retracing=True),
+            "accumulated_step": tf.function(self._recorded(self._accumulated_step), reduce_retracing=True),
+        }
+        self._compiled_checksum = tf.function(lambda: consistency.weights_checksum(as_tf_variables(self.model.variables)))
+        self.fit_state = FitState()  # fit's step/epoch counters and shuffle RNG, broadcast and checkpointed.
 
     # ------------------------------------------------------------------ start-up
 
     @property
     def broadcast_count(self) -> int:
         """How many times state was broadcast from rank 0 (1 after start-up, never more)."""
-        return self._broadcast_count
+        return self.clipper.broadcast_count
 
     @property
     def clip_state(self) -> Any:
-        """The clip transform's state, as the nest of `tf.Variable`s the trainer owns."""
-        return self._clip_state
+        """The clip transform's state, as the nest of `tf.Variable`s the core step owns."""
+        return self.clipper.clip_state
 
-    def _named_state_variables(self) -> list[tuple[str, tf.Variable]]:
-        """Everything that must be identical on every rank, named, as Horovod-ready `tf.Variable`s."""
-        named = [(f"model/{v.path}", tv) for v, tv in zip(self.model.variables, horovod_bridge.as_tf_variables(self.model.variables))]
-        named += [
-            (f"optimizer/{v.path}", tv)
-            for v, tv in zip(self.optimizer.variables, horovod_bridge.as_tf_variables(self.optimizer.variables))
-        ]
-        named += [(f"clip_state[{i}]", v) for i, v in enumerate(tf.nest.flatten(self._clip_state))]
-        named += [(f"counters/{v.name}", v) for v in [self.skipped_steps, self._consecutive_skips, *self._fit_state.variables]]
-        return named
+    @property
+    def skipped_steps(self) -> tf.Variable:
+        """Steps skipped for a non-finite reduced gradient, over the trainer's life (checkpointed)."""
+        return self.clipper.skipped_steps
 
-    def _state_variables(self) -> list[tf.Variable]:
-        return [variable for _, variable in self._named_state_variables()]
+    def named_state_variables(self) -> list[tuple[str, tf.Variable]]:
+        """Everything that must be identical on every rank, named: what is broadcast and checkpointed."""
+        named = [(f"model/{v.path}", tv) for v, tv in zip(self.model.variables, as_tf_variables(self.model.variables))]
+        return named + self.clipper.named_variables() + self._loop_variables()
+
+    def _loop_variables(self) -> list[tuple[str, tf.Variable]]:
+        return [(f"counters/{v.name}", v) for v in self.fit_state.variables]
 
     def _build(self, x: Any = None) -> None:
         """Creates every variable (model weights, optimizer slots, clip state); no communication.
@@ -202,7 +160,7 @@ class HvdClipTrainer:
         `x` is a sample batch, needed only for a subclassed model that creates its weights on
         first call. Idempotent.
         """
-        if self._built:
+        if self.clipper.built:
             return
         if not self.model.built or not self.model.trainable_variables:
             if x is None:
@@ -212,28 +170,20 @@ class HvdClipTrainer:
             self.model(x, training=False)
         if not self.model.trainable_variables:
             raise ValueError(f"`model` has no trainable variables. Received: model={self.model.name!r}")
-        # Slots must exist before the broadcast, or rank 0's optimizer state could never reach the others.
-        self.optimizer.build(self.model.trainable_variables)
-        self._clip_state = tf.nest.map_structure(
-            lambda t: tf.Variable(t, trainable=False), self.clip.init(self.model.trainable_variables)
-        )
+        self.clipper.build(self.model.trainable_variables)
         if self._accumulation_steps > 1:
             # Dense sums of local gradients; they start at zero on every rank, so need no broadcast.
             self._accumulators = [
                 tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="hvdclip_accumulator")
-                for v in horovod_bridge.as_tf_variables(self.model.trainable_variables)
+                for v in as_tf_variables(self.model.trainable_variables)
             ]
-        self._built = True
 
-    def _start(self, x: Any) -> None:
-        """Builds every variable, then broadcasts rank 0's state exactly once."""
+    def start(self, x: Any = None) -> None:
+        """Builds every variable, then broadcasts rank 0's state exactly once (later calls do nothing)."""
         if self._started:
             return
         self._build(x)
-        # A structure mismatch would make the broadcast hang or silently mis-assign: check first.
-        consistency.check_same_structure(self._named_state_variables())
-        horovod_bridge.broadcast_from_root(self._state_variables())
-        self._broadcast_count += 1
+        self.clipper.broadcast_initial_state(self.model, extra=self._loop_variables())
         self._started = True
 
     # ------------------------------------------------------------------ the step
@@ -245,36 +195,19 @@ class HvdClipTrainer:
             loss = loss + tf.add_n([tf.cast(extra, loss.dtype) for extra in self.model.losses])
         return loss
 
-    def _scaled(self, loss: tf.Tensor) -> tf.Tensor:
-        """The loss the tape differentiates: scaled up under mixed precision to avoid underflow."""
-        return self.optimizer.scale_loss(loss) if self._loss_scaling else loss
-
-    def _unscaled(self, grads: list) -> list:
-        if not self._loss_scaling:
-            return grads
-        inverse = 1.0 / self.optimizer.dynamic_scale
-        return [scale(g, inverse) for g in grads]
-
-    def _step(self, x: Any, y: Any) -> dict[str, tf.Tensor]:
-        """One optimizer step: gradient -> allreduce -> unscale -> clip -> apply."""
-        loss, local = self._local_gradients(x, y)
-        grads = self._allreduce(local)
-        return self._clip_and_apply(loss, self._unscaled(grads))
-
-    def _allreduce(self, grads: list) -> list:
-        # DistributedGradientTape's reduction, with collectives named by position (see allreduce_gradients).
-        return horovod_bridge.allreduce_gradients(
-            grads, compression=self._compression, sparse_as_dense=self._sparse_as_dense
-        )
-
     def _local_gradients(self, x: Any, y: Any) -> tuple[tf.Tensor, list]:
         with tf.GradientTape() as tape:
             loss = self._loss(x, y)
-            scaled_loss = self._scaled(loss)
-        return loss, tape.gradient(scaled_loss, horovod_bridge.as_tf_variables(self.model.trainable_variables))
+            scaled_loss = self.clipper.scale_loss(loss)
+        return loss, tape.gradient(scaled_loss, as_tf_variables(self.model.trainable_variables))
+
+    def _step(self, x: Any, y: Any) -> dict[str, tf.Tensor]:
+        """One optimizer step: local gradient, then the core step."""
+        loss, local = self._local_gradients(x, y)
+        return {"loss": loss, **self.clipper.step(local, self.model.trainable_variables)}
 
     def _accumulate(self, x: Any, y: Any) -> dict[str, tf.Tensor]:
-        """A micro-batch before the last of an accumulation window: local work only, no allreduce."""
+        """A micro-batch before the last of an accumulation window: local work only, no collective."""
         loss, grads = self._local_gradients(x, y)
         for accumulator, grad in zip(self._accumulators, grads):
             if grad is not None:
@@ -282,111 +215,40 @@ class HvdClipTrainer:
         return {"loss": loss}
 
     def _accumulated_step(self, x: Any, y: Any) -> dict[str, tf.Tensor]:
-        """The window's last micro-batch: mean of the k local gradients -> allreduce -> unscale -> clip -> apply."""
+        """The window's last micro-batch: the mean of the k local gradients goes through the core step."""
         loss, grads = self._local_gradients(x, y)
         k = float(self._accumulation_steps)
         means = [
             None if grad is None else (accumulator + tf.convert_to_tensor(grad)) / tf.cast(k, accumulator.dtype)
             for accumulator, grad in zip(self._accumulators, grads)
         ]
-        reduced = self._allreduce(means)
         for accumulator in self._accumulators:
             accumulator.assign(tf.zeros_like(accumulator))
-        return self._clip_and_apply(loss, self._unscaled(reduced))
+        return {"loss": loss, **self.clipper.step(means, self.model.trainable_variables)}
 
-    def _clip_and_apply(self, loss: tf.Tensor, grads: list) -> dict[str, tf.Tensor]:
-        """Clips the reduced (unscaled) gradient and applies it, or skips the step on NaN/Inf.
-
-        Everything here follows the allreduce, so every rank takes the same branch.
-        """
-        variables = self.model.trainable_variables
-        # Horovod allgathers sparse rows, so an embedding row touched on two ranks arrives twice.
-        # Merge repeats once here: Keras 3 optimizers apply element-wise ops (Adam squares the
-        # gradient) to IndexedSlices values without merging, which would square the parts, not the sum.
-        grads = [dedupe(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
-        squares = sum_of_squares(grads)
-        grad_norm = tf.sqrt(squares)
-        finite = tf.math.is_finite(squares)
-
-        if self._clipping:
-            clipped, new_clip_state, report = update_and_report(self.clip, list(grads), self._clip_state, variables)
-            if report is not None:  # The transform's own account: no extra pass over the gradients.
-                clipped_norm = grad_norm if report.norm is None else report.norm
-                clip_active = report.active
-            else:
-                clipped_norm = global_norm(clipped)
-                # "Changed any element", not "norm went down": two norms of equal tensors computed
-                # in differently fused graphs can differ in the last bit.
-                clip_active = tf.reduce_any([_changed(a, b) for a, b in zip(grads, clipped) if a is not None])
-            # NaN != NaN would count a non-finite gradient as clipped: nothing was (see `skipped`).
-            clip_active = tf.logical_and(finite, clip_active)
-        else:
-            clipped, new_clip_state, clipped_norm, clip_active = grads, self._clip_state, grad_norm, tf.constant(False)
-
-        def apply() -> tf.Tensor:
-            self._applier.apply_gradients(zip(clipped, variables))
-            tf.nest.map_structure(lambda var, value: var.assign(value), self._clip_state, new_clip_state)
-            self._consecutive_skips.assign(0)
-            if self._loss_scaling:
-                self._grow_loss_scale()
-            return tf.constant(False)
-
-        def skip() -> tf.Tensor:
-            if hvd.rank() == 0:  # Logged once per job, by rank 0, without a host sync.
-                tf.print(
-                    "hvdclip: skipped a step because the reduced gradient had NaN/Inf; skipped so far:",
-                    self.skipped_steps + 1,
-                    output_stream=sys.stderr,
-                )
-            self.skipped_steps.assign_add(1)
-            self._consecutive_skips.assign_add(1)
-            if self._loss_scaling:
-                self.optimizer.step_counter.assign(0)
-                self.optimizer.dynamic_scale.assign(self.optimizer.dynamic_scale * 0.5)
-            return tf.constant(True)
-
-        guarded = self._skip_nonfinite or self._loss_scaling
-        skipped = tf.cond(finite, apply, skip) if guarded else apply()
-        return {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "clipped_grad_norm": clipped_norm,
-            "clip_active": clip_active,
-            "skipped": skipped,
-        }
-
-    def _grow_loss_scale(self) -> None:
-        """Keras' dynamic loss scaling: double the scale after `dynamic_growth_steps` finite steps."""
-        lso = self.optimizer
-        grow = tf.equal(lso.step_counter, lso.dynamic_growth_steps - 1)
-        lso.step_counter.assign(tf.where(grow, tf.zeros_like(lso.step_counter), lso.step_counter + 1))
-        lso.dynamic_scale.assign(tf.where(grow, lso.dynamic_scale * 2.0, lso.dynamic_scale))
-
-    def _recording(self, step: Callable) -> Callable:
-        """`step` then `FitState.record_step` (count it, sum its metrics), compiled as one function."""
+    def _recorded(self, step: Callable) -> Callable:
+        """`step`, then `FitState.record_step` (count it, sum its metrics), to compile as one function."""
 
         def recorded(x: Any, y: Any) -> dict[str, tf.Tensor]:
             metrics = step(x, y)
-            self._fit_state.record_step(metrics)
+            self.fit_state.record_step(metrics)
             return metrics
 
-        return tf.function(recorded, reduce_retracing=True)
+        return recorded
 
-    def _run_step(self, x: Any, y: Any, *, record: bool = False) -> dict[str, tf.Tensor]:
-        """One step (or micro-batch); with `record` (from fit), the compiled step also does fit's bookkeeping."""
-        self._start(x)
-        compiled = (self._compiled_step, self._compiled_accumulate, self._compiled_accumulated_step)
-        step, accumulate, accumulated_step = self._recorded if record else compiled
+    def run_step(self, x: Any, y: Any) -> dict[str, tf.Tensor]:
+        """One step (or micro-batch) on this rank's batch, as tensors; what `fit` calls per batch."""
+        self.start(x)
         if self._accumulation_steps == 1:
-            metrics = step(x, y)
+            metrics = self._compiled["step"](x, y)
         else:
             self._micro_step += 1
             if self._micro_step < self._accumulation_steps:
-                return accumulate(x, y)
+                return self._compiled["accumulate"](x, y)
             self._micro_step = 0
-            metrics = accumulated_step(x, y)
-        if self._max_consecutive_skips is not None and self._skip_nonfinite:
-            consecutive = int(self._consecutive_skips.numpy())
+            metrics = self._compiled["accumulated_step"](x, y)
+        if self._max_consecutive_skips is not None and self.clipper.skip_nonfinite:
+            consecutive = int(self.clipper.consecutive_skips.numpy())
             if consecutive >= self._max_consecutive_skips:
                 # Every rank reads the same counter after the same allreduce, so all raise together.
                 raise NonFiniteGradientError(
@@ -408,12 +270,11 @@ class HvdClipTrainer:
         non-finite gradient.
         """
         check_batch(x, y)
-        metrics = self._run_step(x, y)
+        metrics = self.run_step(x, y)
         return {name: (bool(value) if value.dtype == tf.bool else float(value)) for name, value in metrics.items()}
 
     # ------------------------------------------------------------------ fit
-
-    def _agreed_steps(self, dataset: tf.data.Dataset, steps_per_epoch: int | None) -> int:
+    def agreed_steps(self, dataset: tf.data.Dataset, steps_per_epoch: int | None) -> int:
         """Steps per epoch that every rank can run, so no rank waits in an allreduce forever."""
         cardinality = int(dataset.cardinality())
         known = cardinality >= 0
@@ -426,8 +287,7 @@ class HvdClipTrainer:
         if not known:
             return steps_per_epoch
         local = cardinality if steps_per_epoch is None else min(cardinality, steps_per_epoch)
-        agreed = int(hvd.allreduce(tf.constant(local, tf.int64), op=hvd.Min, name="hvdclip_steps_per_epoch"))
-        return agreed
+        return agree_min(local, "steps_per_epoch")
 
     def fit(
         self,
@@ -510,21 +370,21 @@ class HvdClipTrainer:
         """
         runtime.require_initialized("HvdClipTrainer.evaluate")
         plan = InputPlan.checked(
-            "dataset", dataset, rank=hvd.rank(), size=hvd.size(), shard=shard, batch_size=batch_size, drop_remainder=False
+            "dataset", dataset, rank=runtime.rank(), size=runtime.size(), shard=shard, batch_size=batch_size, drop_remainder=False
         )
         evaluate = Evaluator(self, check_metrics("metrics", metrics))
-        self._start_on(plan)
+        self.start_on(plan)
         return evaluate(plan.for_epoch())
 
-    def _start_on(self, plan: InputPlan) -> None:
+    def start_on(self, plan: InputPlan) -> None:
         """Starts (builds, then the one broadcast) with a sample batch from `plan` if not started yet."""
         if not self._started:
-            self._start(plan.sample_batch())
+            self.start(plan.sample_batch())
 
     @property
     def global_step(self) -> tf.Variable:
         """Steps `fit` has run over this trainer's life (skipped steps included); checkpointed."""
-        return self._fit_state.global_step
+        return self.fit_state.global_step
 
     # ------------------------------------------------------------------ checkpoints and export
 
@@ -558,18 +418,18 @@ class HvdClipTrainer:
                 "sent this trainer's state to every rank. Create the trainer, restore, then fit."
             )
         self._build()
-        named = self._named_state_variables()
+        named = self.named_state_variables()
 
         def read() -> int | None:
             if read_checkpoint(named, path, missing_ok=missing_ok) is None:
                 return None
-            return int(self._fit_state.global_step.numpy())
+            return int(self.fit_state.global_step.numpy())
 
         # Only rank 0 holds the restored values until the start-up broadcast sends them to the others.
         step = on_rank_zero(read, name="restore")
         if step is None:
             return 0
-        self._fit_state.resume_pending = True
+        self.fit_state.resume_pending = True
         return step
 
     def save(self, path: str) -> None:

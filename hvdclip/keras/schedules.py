@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from hvdclip import runtime
+from hvdclip.distributed import runtime
 from hvdclip.validation import check_int, check_number
 
 __all__ = ["ScaledWarmup"]

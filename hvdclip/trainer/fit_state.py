@@ -12,8 +12,8 @@ from collections.abc import Mapping
 import keras
 import tensorflow as tf
 
-from hvdclip import horovod_bridge
-from hvdclip.step_logs import StepSums
+from hvdclip.distributed import bridge as horovod_bridge
+from hvdclip.trainer.step_logs import StepSums
 
 __all__ = ["FitState"]
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import time
 
-import horovod.tensorflow as hvd
+from hvdclip.distributed import runtime
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from hvdclip.callbacks import Callback
-from hvdclip.rank_zero import is_rank_zero, on_rank_zero, writable_directory
-from hvdclip.step_logs import RunningMeans, display_name
+from hvdclip.trainer.callbacks import Callback
+from hvdclip.distributed.rank_zero import is_rank_zero, on_rank_zero, writable_directory
+from hvdclip.trainer.step_logs import RunningMeans, display_name
 from hvdclip.validation import check_int, check_path
 
 __all__ = ["TensorBoard"]
@@ -86,7 +86,7 @@ class TensorBoard(Callback):
             _scalar("train/skipped_steps", self.trainer.skipped_steps)
             _scalar("train/learning_rate", self.trainer.optimizer.learning_rate)
             if elapsed > 0:
-                _scalar("train/samples_per_second", self._samples * hvd.size() / elapsed)
+                _scalar("train/samples_per_second", self._samples * runtime.size() / elapsed)
         self._window.reset()
         self._samples = 0
         self._window_start = now

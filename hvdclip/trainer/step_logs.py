@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import horovod.tensorflow as hvd
+from hvdclip.distributed.collectives import sum_over_ranks
 import tensorflow as tf
 
 __all__ = ["RunningMeans", "StepSums", "display_name"]
@@ -95,7 +95,7 @@ class StepSums:
         if unknown:
             raise ValueError(f"`names` has metrics no step reported: {unknown}. Received: names={names!r}")
         ours = tf.gather(self._totals, [self._columns[name] for name in names], axis=1)
-        totals = hvd.allreduce(ours, op=hvd.Sum, name="hvdclip_epoch_means")
+        totals = sum_over_ranks(ours, "epoch_means")
         # 0/0 is NaN on purpose: an epoch resumed at its end has no steps left to average.
         means = tf.math.divide(totals[0], totals[1]).numpy()
         return {name: float(value) for name, value in zip(names, means)}

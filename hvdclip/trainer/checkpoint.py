@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 
 import tensorflow as tf
 
-from hvdclip.callbacks import Callback
+from hvdclip.trainer.callbacks import Callback
 from hvdclip.errors import CheckpointError
-from hvdclip.rank_zero import is_rank_zero, on_rank_zero, writable_directory
+from hvdclip.distributed.rank_zero import is_rank_zero, on_rank_zero, writable_directory
 from hvdclip.validation import check_int, check_path
 
 __all__ = ["CheckpointSaver", "Named", "latest", "read"]
@@ -136,7 +136,7 @@ class CheckpointSaver(Callback):
     def on_train_begin(self, logs=None):
         on_rank_zero(lambda: writable_directory(self.directory, "directory"), name="checkpoint_directory")
         if is_rank_zero():
-            checkpoint = _checkpoint(self.trainer._named_state_variables())
+            checkpoint = _checkpoint(self.trainer.named_state_variables())
             self._manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=self.max_to_keep)
 
     def on_step_end(self, step, logs):

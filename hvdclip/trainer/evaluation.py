@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import horovod.tensorflow as hvd
 import keras
 import tensorflow as tf
 
-from hvdclip import horovod_bridge
+from hvdclip.distributed import bridge as horovod_bridge
+from hvdclip.distributed.collectives import sum_over_ranks
 
 __all__ = ["Evaluator", "check_metrics"]
 
@@ -67,10 +67,10 @@ class Evaluator:
             batch_loss, batch_count = self._compiled_batch(x, y)
             loss_sum += batch_loss
             count += batch_count
-        totals = hvd.allreduce(tf.stack([loss_sum, count]), op=hvd.Sum, name="hvdclip_eval_loss").numpy()
+        totals = sum_over_ranks(tf.stack([loss_sum, count]), "eval_loss")
         state = horovod_bridge.as_tf_variables([v for metric in self.metrics for v in metric.variables])
         for index, variable in enumerate(state):
-            variable.assign(hvd.allreduce(variable.value(), op=hvd.Sum, name=f"hvdclip_eval_metric_{index}"))
+            variable.assign(sum_over_ranks(variable.value(), f"eval_metric_{index}"))
         results = {"loss": float(totals[0] / totals[1]) if totals[1] else float("nan")}
         results.update({metric.name: float(metric.result()) for metric in self.metrics})
         return results

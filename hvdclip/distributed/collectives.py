@@ -1,0 +1,46 @@
+"""The small collectives hvdclip runs outside the gradient reduction: the start-up broadcast and
+the agreements that keep every rank's loop in lock-step.
+
+Each is called by every rank at the same point, with a fixed name, so ranks match them whatever
+their graphs are called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import horovod.tensorflow as hvd
+import numpy as np
+import tensorflow as tf
+
+from hvdclip.distributed.bridge import as_tf_variables
+
+__all__ = ["broadcast_from_root", "agree_any", "agree_min", "sum_over_ranks", "allgather_int64"]
+
+
+def broadcast_from_root(variables: Sequence, root_rank: int = 0) -> None:
+    """Overwrites `variables` (Keras 3 or `tf.Variable`s) on every rank with rank `root_rank`'s values."""
+    variables = as_tf_variables(variables)
+    if variables:
+        hvd.broadcast_variables(variables, root_rank=root_rank)
+
+
+def agree_any(flag: bool, name: str) -> bool:
+    """True on every rank if `flag` is True on any rank."""
+    vote = hvd.allreduce(tf.constant(int(bool(flag)), tf.int32), op=hvd.Max, name=f"hvdclip_any_{name}")
+    return bool(int(vote) > 0)
+
+
+def agree_min(value: int, name: str) -> int:
+    """The smallest `value` over ranks, on every rank."""
+    return int(hvd.allreduce(tf.constant(int(value), tf.int64), op=hvd.Min, name=f"hvdclip_min_{name}"))
+
+
+def sum_over_ranks(values, name: str) -> np.ndarray:
+    """The element-wise sum of a float64 or int64 vector over ranks (one allreduce)."""
+    return hvd.allreduce(tf.convert_to_tensor(values), op=hvd.Sum, name=f"hvdclip_sum_{name}").numpy()
+
+
+def allgather_int64(values, name: str) -> np.ndarray:
+    """Every rank's int64 vector `values`, concatenated in rank order."""
+    return hvd.allgather(tf.reshape(tf.cast(values, tf.int64), [-1]), name=f"hvdclip_gather_{name}").numpy()
