@@ -30,8 +30,7 @@ from hvdclip.fit_state import FitState
 from hvdclip.fitting import fit as run_fit
 from hvdclip.gradients import dedupe, global_norm, scale, sum_of_squares
 from hvdclip.rank_zero import on_rank_zero, writable_directory
-from hvdclip.transforms.base import GradientTransform, check_transform, identity
-from hvdclip.transforms.report import update_and_report
+from hvdclip.transforms.base import GradientTransform, apply_transform, check_transform, identity
 from hvdclip.validation import check_bool, check_callable, check_int, check_path
 
 __all__ = ["HvdClipTrainer", "History"]
@@ -309,7 +308,8 @@ class HvdClipTrainer:
         finite = tf.math.is_finite(squares)
 
         if self._clipping:
-            clipped, new_clip_state, report = update_and_report(self.clip, list(grads), self._clip_state, variables)
+            result = apply_transform(self.clip, grads, self._clip_state, variables)
+            clipped, new_clip_state, report = result.grads, result.state, result.report
             if report is not None:  # The transform's own account: no extra pass over the gradients.
                 clipped_norm = grad_norm if report.norm is None else report.norm
                 clip_active = report.active

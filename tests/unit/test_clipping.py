@@ -8,6 +8,7 @@ import keras
 
 import hvdclip
 from hvdclip.gradients import UniqueSlices, dedupe, global_norm, scale
+from hvdclip.transforms.base import apply_transform
 from support import make_clicks, make_embedding_model
 
 RNG = np.random.default_rng(0)
@@ -29,8 +30,7 @@ def to_dense(grad):
 
 def apply(transform, grads, variables=()):
     state = transform.init(list(variables))
-    out, _ = transform.update(list(grads), state, list(variables))
-    return out
+    return apply_transform(transform, grads, state, list(variables)).grads
 
 
 def np_global_norm(arrays):
@@ -194,3 +194,4 @@ def test_the_step_merges_each_sparse_gradient_once(clip):
     trainer.train_step(ids, clicks)
     step = trainer._compiled_step.get_concrete_function(tf.constant(ids), tf.constant(clicks))
     assert op_count(step, "Unique") == 1
+
