@@ -37,7 +37,7 @@ def shrinking_clip(max_norm: float) -> hvdclip.GradientTransform:
         del variables
         limit = max_norm / (1.0 + 0.1 * count)
         factor = limit / tf.maximum(global_norm(grads), limit)
-        return [map_values(lambda v: v * tf.cast(factor, v.dtype), g) for g in grads], count + 1.0
+        return hvdclip.TransformResult([map_values(lambda v: v * tf.cast(factor, v.dtype), g) for g in grads], count + 1.0)
 
     return hvdclip.GradientTransform(init, update)
 

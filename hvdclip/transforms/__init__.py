@@ -2,15 +2,16 @@
 clipping, and the non-finite wrapper."""
 
 from hvdclip.transforms.adaptive import adaptive_grad_clip, autoclip, zclip
-from hvdclip.transforms.base import GradientTransform, chain, identity, reporting
+from hvdclip.transforms.base import GradientTransform, TransformResult, apply_transform, chain, identity
 from hvdclip.transforms.report import ClipReport
 from hvdclip.transforms.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
-from hvdclip.transforms.nonfinite import skip_nonfinite
+from hvdclip.transforms.nonfinite import zero_nonfinite
 
 __all__ = [
     "GradientTransform",
+    "TransformResult",
     "ClipReport",
-    "reporting",
+    "apply_transform",
     "chain",
     "identity",
     "clip_by_value",
@@ -19,5 +20,5 @@ __all__ = [
     "adaptive_grad_clip",
     "autoclip",
     "zclip",
-    "skip_nonfinite",
+    "zero_nonfinite",
 ]

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from hvdclip.gradients import dedupe, scale_to_norm, squared_norms, total
-from hvdclip.transforms.base import GradientTransform, reporting
+from hvdclip.transforms.base import GradientTransform, TransformResult, empty_state
 from hvdclip.transforms.report import scale_with_report
 from hvdclip.validation import check_int, check_number, check_patterns
 
@@ -98,7 +98,7 @@ def adaptive_grad_clip(clipping: float = 0.01, eps: float = 1e-3, exclude: Seque
         norms = _unit_norms(values, axes)
         return grad, scale_to_norm(norms, max_norms), tf.square(norms)
 
-    def update_with_report(grads, state, variables):
+    def update(grads, state, variables):
         if len(variables) != len(grads):
             raise ValueError(
                 "adaptive_grad_clip compares each gradient with its variable, so `update` needs the "
@@ -111,9 +111,9 @@ def adaptive_grad_clip(clipping: float = 0.01, eps: float = 1e-3, exclude: Seque
             factors.append(factor)
             squares.append(squared)
         clipped, report = scale_with_report(merged, factors, squares)
-        return clipped, state, report
+        return TransformResult(clipped, state, report)
 
-    return reporting(None, update_with_report)
+    return GradientTransform(empty_state, update)
 
 
 # ----------------------------------------------------------------------------------- AutoClip
@@ -170,7 +170,7 @@ def autoclip(percentile: float = 10, history: int = 1000) -> GradientTransform:
         del variables
         return AutoClipState(norms=tf.zeros([history], tf.float32), count=tf.constant(0, tf.int64))
 
-    def update_with_report(grads, state, variables):
+    def update(grads, state, variables):
         del variables
         squares = squared_norms(grads)
         norm = tf.sqrt(total(squares))
@@ -179,9 +179,9 @@ def autoclip(percentile: float = 10, history: int = 1000) -> GradientTransform:
         count = state.count + 1
         threshold = _percentile(norms, tf.minimum(count, history), percentile)
         clipped, report = scale_with_report(grads, scale_to_norm(norm, threshold), squares)
-        return clipped, AutoClipState(norms, count), report
+        return TransformResult(clipped, AutoClipState(norms, count), report)
 
-    return reporting(init, update_with_report)
+    return GradientTransform(init, update)
 
 
 # -------------------------------------------------------------------------------------- ZClip
@@ -238,7 +238,7 @@ def zclip(alpha: float = 0.97, z_threshold: float = 2.5, warmup_steps: int = 25)
         zero = tf.constant(0.0, tf.float32)
         return ZClipState(zero, zero, tf.zeros([warmup_steps], tf.float32), tf.constant(0, tf.int64))
 
-    def update_with_report(grads, state, variables):
+    def update(grads, state, variables):
         del variables
         squares = squared_norms(grads)
         norm = tf.sqrt(total(squares))
@@ -266,6 +266,6 @@ def zclip(alpha: float = 0.97, z_threshold: float = 2.5, warmup_steps: int = 25)
         new_mean = tf.where(warming_up, tf.where(warmup_ends, first_mean, mean), ema_mean)
         new_var = tf.where(warming_up, tf.where(warmup_ends, first_var, var), ema_var)
         clipped, report = scale_with_report(grads, tf.where(spike, scale_to_norm(norm, threshold), 1.0), squares)
-        return clipped, ZClipState(new_mean, new_var, warmup_norms, count + 1), report
+        return TransformResult(clipped, ZClipState(new_mean, new_var, warmup_norms, count + 1), report)
 
-    return reporting(init, update_with_report)
+    return GradientTransform(init, update)

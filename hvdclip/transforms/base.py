@@ -1,18 +1,18 @@
-"""The gradient-transform protocol and its combinator.
+"""The gradient-transform protocol, the one function that runs a transform, and `chain`.
 
 A transform is a pair of functions:
 
 * `init(variables) -> state`: a nest of tensors (possibly `()`), built once before step 1. The
   trainer stores it in non-trainable `tf.Variable`s, so it is broadcast from rank 0 with the
   model, checkpointed, and identical on every rank.
-* `update(grads, state, variables) -> (grads, state)`: pure; receives the *reduced* gradient list
-  (dense tensors, `tf.IndexedSlices` or `None`, aligned with `variables`) and the current state
-  (read from those variables), and returns new gradients and the new state to store.
+* `update(grads, state, variables) -> TransformResult(grads, state, report)`: pure; receives the
+  *reduced* gradient list (dense tensors, `tf.IndexedSlices` or `None`, aligned with `variables`)
+  and the current state (read from those variables), and returns the new gradients, the new state
+  to store and, optionally, a `ClipReport` of what it did (see `hvdclip.transforms.report`). A
+  report of None means "not known": whoever runs the transform measures the output instead.
 
-A transform built with `reporting(init, update_with_report)` also says what it did: its
-`update_with_report(grads, state, variables) -> (grads, state, ClipReport)` is the same update plus
-a `ClipReport` (the output's global norm, whether it clipped) from numbers it computed anyway, so
-the trainer need not measure the clipped gradient again (see `hvdclip.transforms.report`).
+Run a transform with `apply_transform`, which checks what `update` returned, rather than calling
+`update` directly.
 """
 
 from __future__ import annotations
@@ -23,18 +23,50 @@ from typing import Any, NamedTuple
 import tensorflow as tf
 
 from hvdclip.gradients import Gradient
-from hvdclip.transforms.report import ClipReport, reporting_update, update_and_report
-from hvdclip.validation import check_callable
+from hvdclip.transforms.report import ClipReport
 
-__all__ = ["GradientTransform", "chain", "check_transform", "from_reporting_update", "identity", "reporting"]
+__all__ = [
+    "GradientTransform",
+    "TransformResult",
+    "apply_transform",
+    "chain",
+    "check_transform",
+    "empty_state",
+    "identity",
+]
+
+
+class TransformResult(NamedTuple):
+    """What a transform's `update` returns.
+
+    Attributes:
+        grads: the new gradient list, aligned with the input (`None` where the input is `None`).
+        state: the new state, with the structure `init` built.
+        report: a `ClipReport` of what `update` did, or None (the default) when it does not say;
+            then the caller measures the output's norm and whether anything changed.
+    """
+
+    grads: list[Gradient]
+    state: Any
+    report: ClipReport | None = None
+
 
 InitFn = Callable[[Sequence[tf.Variable]], Any]
-UpdateFn = Callable[[list[Gradient], Any, Sequence[tf.Variable]], tuple[list[Gradient], Any]]
-ReportingUpdateFn = Callable[[list[Gradient], Any, Sequence[tf.Variable]], tuple[list[Gradient], Any, ClipReport]]
+UpdateFn = Callable[[list[Gradient], Any, Sequence[tf.Variable]], TransformResult]
 
 
 class GradientTransform(NamedTuple):
-    """An `init`/`update` pair; see the module docstring for the contract."""
+    """An `init`/`update` pair; see the module docstring for the contract.
+
+    Example, a transform that halves every gradient (stateless, without a report):
+        >>> from hvdclip.gradients import scale
+        >>> def init(variables):
+        ...     return ()
+        >>> def update(grads, state, variables):
+        ...     return hvdclip.TransformResult([scale(g, 0.5) for g in grads], state)
+        >>> halve = hvdclip.GradientTransform(init, update)
+        >>> clip = hvdclip.chain(halve, hvdclip.clip_by_global_norm(1.0))
+    """
 
     init: InitFn
     update: UpdateFn
@@ -54,62 +86,87 @@ def check_transform(name: str, value: Any, *, optional: bool = False) -> Gradien
     return value
 
 
-def _no_state(variables):
+def _scalar(value: Any, dtypes: tuple) -> bool:
+    try:
+        tensor = tf.convert_to_tensor(value)
+    except (TypeError, ValueError):
+        return False
+    return tensor.shape.rank == 0 and tensor.dtype in dtypes
+
+
+def apply_transform(
+    transform: GradientTransform, grads: Sequence[Gradient], state: Any, variables: Sequence[tf.Variable]
+) -> TransformResult:
+    """Runs `transform.update` and checks what it returned.
+
+    Everything that runs a transform (the trainer's step, `chain`, `zero_nonfinite`) goes through
+    here, so a transform written for another protocol (optax's `(grads, state)` pair) or a malformed
+    report fails when the step is traced, with a message saying what to return, not later in a zip.
+
+    Returns:
+        `TransformResult(grads, state, report)`, with `grads` a list as long as the input.
+
+    Raises:
+        TypeError: `update` did not return a `TransformResult`, or its `report` is neither None
+            nor a `ClipReport` of a float32 scalar (or None) and a bool scalar.
+        ValueError: `update` returned a different number of gradients than it received.
+    """
+    grads = list(grads)
+    result = transform.update(grads, state, variables)
+    if not isinstance(result, TransformResult):
+        if isinstance(result, (tuple, list)):
+            items = ", ".join(type(item).__name__ for item in result)
+            received = f"a {type(result).__name__} of {len(result)} items ({items})"
+        else:
+            received = repr(result)
+        raise TypeError(
+            "`update` must return hvdclip.TransformResult(grads, state), or TransformResult(grads, state, report) "
+            f"with report=hvdclip.ClipReport(norm, active). Received: {received}"
+        )
+    out = list(result.grads)
+    if len(out) != len(grads):
+        raise ValueError(
+            "`update` must return one gradient per input gradient (None where the input is None). "
+            f"Received: {len(out)} gradients for {len(grads)}"
+        )
+    report = result.report
+    if report is not None and (
+        not isinstance(report, ClipReport)
+        or not _scalar(report.active, (tf.bool,))
+        or not (report.norm is None or _scalar(report.norm, (tf.float32,)))
+    ):
+        raise TypeError(
+            "`update` must return a TransformResult whose `report` is None or hvdclip.ClipReport(norm, active), "
+            f"with `norm` a float32 scalar or None and `active` a bool scalar. Received: report={report!r}"
+        )
+    return TransformResult(out, result.state, report)
+
+
+def empty_state(variables: Sequence[tf.Variable]) -> tuple:
+    """The `init` of a transform without state: `()`."""
     del variables
     return ()
 
 
-def reporting(init: InitFn | None, update_with_report: ReportingUpdateFn) -> GradientTransform:
-    """A transform whose `update` also reports what it did (`init=None`: a transform without state).
-
-    `update` is `update_with_report` without the report, and carries it (as `update.with_report`)
-    for the trainer, which logs the report's norm and `active` instead of measuring them.
+def identity() -> GradientTransform:
+    """The transform that changes nothing (what `clip=None` means).
 
     Example:
-        >>> from hvdclip.gradients import scale_to_norm, squared_norms, total
-        >>> from hvdclip.transforms.report import scale_with_report
-        >>> def update_with_report(grads, state, variables):   # clip_by_global_norm(1.0)
-        ...     squares = squared_norms(grads)
-        ...     factor = scale_to_norm(tf.sqrt(total(squares)), 1.0)
-        ...     clipped, report = scale_with_report(grads, factor, squares)
-        ...     return clipped, state, report
-        >>> clip = hvdclip.reporting(None, update_with_report)
-    """
-    if init is not None and not callable(init):
-        raise TypeError(f"`init` must be callable, or None for a transform without state. Received: init={init!r}")
-    check_callable("update_with_report", update_with_report)
-    return from_reporting_update(init, update_with_report, reports=True)
-
-
-def from_reporting_update(init: InitFn | None, update_with_report: Callable, *, reports: bool) -> GradientTransform:
-    """The transform whose `update` is `update_with_report` without its report.
-
-    With `reports`, `update` carries `update_with_report` for the trainer (what `reporting` builds).
-    Without, the report is dropped: for a combinator (`chain`, `skip_nonfinite`) whose
-    `update_with_report` returns None as its report when a transform inside it does not report.
+        >>> grads = hvdclip.identity().update([tf.ones(2)], (), []).grads   # [tf.ones(2)]
     """
 
     def update(grads, state, variables):
-        grads, state, _ = update_with_report(grads, state, variables)
-        return grads, state
-
-    if reports:
-        update.with_report = update_with_report
-    return GradientTransform(init or _no_state, update)
-
-
-def identity() -> GradientTransform:
-    """The transform that changes nothing (what `clip=None` means)."""
-
-    def update_with_report(grads, state, variables):
         del variables
-        return list(grads), state, ClipReport(norm=None, active=tf.constant(False))
+        return TransformResult(list(grads), state, ClipReport(norm=None, active=tf.constant(False)))
 
-    return reporting(None, update_with_report)
+    return GradientTransform(empty_state, update)
 
 
 def chain(*transforms: GradientTransform) -> GradientTransform:
     """Runs transforms in order, each on the previous one's output; keeps a tuple of states.
+
+    The state has one entry per transform, in order. The chain reports when every member does:
+    the output's norm is the last one a member reported, and it clipped if any member did.
 
     Order matters: each transform sees the previous one's output. On the gradient [10, 0.1, -10],
     `chain(clip_by_value(0.5), clip_by_global_norm(1.0))` gives [0.5, 0.1, -0.5] (the value clip
@@ -125,19 +182,27 @@ def chain(*transforms: GradientTransform) -> GradientTransform:
     def init(variables):
         return tuple(t.init(variables) for t in transforms)
 
-    def update_with_report(grads, state, variables):
+    def update(grads, state, variables):
+        if not isinstance(state, (tuple, list)):
+            raise TypeError(
+                f"`state` must be a tuple with one entry per chained transform ({len(transforms)}), as the "
+                f"chain's `init` builds it. Received: state={state!r}"
+            )
+        if len(state) != len(transforms):
+            raise ValueError(
+                f"`state` must have one entry per chained transform ({len(transforms)}). Received: "
+                f"{len(state)} entries; build the state with this chain's `init`"
+            )
         new_states, reports = [], []
         for transform, inner_state in zip(transforms, state):
-            grads, inner_state, report = update_and_report(transform, grads, inner_state, variables)
+            grads, inner_state, report = apply_transform(transform, grads, inner_state, variables)
             new_states.append(inner_state)
             reports.append(report)
         if None in reports:  # A member that does not report: the chain's output must be measured.
-            return list(grads), tuple(new_states), None
-        # The output's norm is the last one a member reported (a None keeps the one before it);
-        # the chain clipped if any member did.
+            return TransformResult(list(grads), tuple(new_states))
+        # A None norm (a member that changed nothing) keeps the one before it.
         norm = next((report.norm for report in reversed(reports) if report.norm is not None), None)
         active = tf.reduce_any([report.active for report in reports]) if reports else tf.constant(False)
-        return list(grads), tuple(new_states), ClipReport(norm, active)
+        return TransformResult(list(grads), tuple(new_states), ClipReport(norm, active))
 
-    every_member_reports = all(reporting_update(t.update) is not None for t in transforms)
-    return from_reporting_update(init, update_with_report, reports=every_member_reports)
+    return GradientTransform(init, update)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from hvdclip.gradients import dedupe, global_norm, map_values, scale_to_norm, squared_norms, total
-from hvdclip.transforms.base import GradientTransform, reporting
+from hvdclip.transforms.base import GradientTransform, TransformResult, empty_state
 from hvdclip.transforms.report import ClipReport, scale_with_report
 from hvdclip.validation import check_number
 
@@ -23,7 +23,7 @@ def clip_by_value(clip_value: float) -> GradientTransform:
     """
     clip_value = check_number("clip_value", clip_value, gt=0)
 
-    def update_with_report(grads, state, variables):
+    def update(grads, state, variables):
         del variables
         clipped, active = [], [tf.constant(False)]
         for grad in grads:
@@ -35,9 +35,9 @@ def clip_by_value(clip_value: float) -> GradientTransform:
             clipped.append(map_values(lambda values: tf.clip_by_value(values, -clip_value, clip_value), grad))
         # The norm is measured (clipping by value has no shortcut to it); in a chain that ends in
         # another clip, nothing reads it and TensorFlow prunes it from the step.
-        return clipped, state, ClipReport(global_norm(clipped), tf.reduce_any(active))
+        return TransformResult(clipped, state, ClipReport(global_norm(clipped), tf.reduce_any(active)))
 
-    return reporting(None, update_with_report)
+    return GradientTransform(empty_state, update)
 
 
 def clip_by_norm(max_norm: float) -> GradientTransform:
@@ -51,14 +51,14 @@ def clip_by_norm(max_norm: float) -> GradientTransform:
     """
     max_norm = check_number("max_norm", max_norm, gt=0)
 
-    def update_with_report(grads, state, variables):
+    def update(grads, state, variables):
         del variables
         squares = squared_norms(grads)
         factors = [None if g is None else scale_to_norm(tf.sqrt(sq), max_norm) for g, sq in zip(grads, squares)]
         clipped, report = scale_with_report(grads, factors, squares)
-        return clipped, state, report
+        return TransformResult(clipped, state, report)
 
-    return reporting(None, update_with_report)
+    return GradientTransform(empty_state, update)
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransform:
@@ -72,11 +72,11 @@ def clip_by_global_norm(max_norm: float) -> GradientTransform:
     """
     max_norm = check_number("max_norm", max_norm, gt=0)
 
-    def update_with_report(grads, state, variables):
+    def update(grads, state, variables):
         del variables
         squares = squared_norms(grads)
         factor = scale_to_norm(tf.sqrt(total(squares)), max_norm)
         clipped, report = scale_with_report(grads, factor, squares)
-        return clipped, state, report
+        return TransformResult(clipped, state, report)
 
-    return reporting(None, update_with_report)
+    return GradientTransform(empty_state, update)

@@ -3,7 +3,8 @@
 The trainer logs `clipped_grad_norm` and `clip_active` every step. Measuring them on the clipped
 gradient costs two more passes over every gradient (a norm and an element-wise comparison); a
 transform that scales gradients already knows its factors and the input norms, which give both.
-A transform built with `hvdclip.reporting` carries such a report; any other transform is measured.
+A transform's `update` returns such a report in its `TransformResult`; when the report is None,
+the trainer measures the output instead.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import tensorflow as tf
 
 from hvdclip.gradients import Gradient, applied_factor, scale
 
-__all__ = ["ClipReport", "reporting_update", "scale_with_report", "update_and_report"]
+__all__ = ["ClipReport", "scale_with_report"]
 
 
 class ClipReport(NamedTuple):
@@ -30,47 +31,6 @@ class ClipReport(NamedTuple):
 
     norm: tf.Tensor | None
     active: tf.Tensor
-
-
-def reporting_update(update: Any):
-    """The `update_with_report` that `hvdclip.reporting` attached to `update`, or None.
-
-    It hangs on the update function itself, so a transform rebuilt with another `update` (such as
-    `t._replace(update=...)`) loses the report with it and is measured instead.
-    """
-    return getattr(update, "with_report", None)
-
-
-def _checked(report: Any) -> ClipReport:
-    def scalar(value: Any, dtypes: tuple) -> bool:
-        try:
-            tensor = tf.convert_to_tensor(value)
-        except (TypeError, ValueError):
-            return False
-        return tensor.shape.rank == 0 and tensor.dtype in dtypes
-
-    if (
-        not isinstance(report, ClipReport)
-        or not scalar(report.active, (tf.bool,))
-        or not (report.norm is None or scalar(report.norm, (tf.float32,)))
-    ):
-        raise TypeError(
-            "`update_with_report` must return (grads, state, hvdclip.ClipReport(norm, active)), with `norm` "
-            f"a float32 scalar or None and `active` a bool scalar. Received: report={report!r}"
-        )
-    return report
-
-
-def update_and_report(
-    transform: Any, grads: list[Gradient], state: Any, variables: Sequence[tf.Variable]
-) -> tuple[list[Gradient], Any, ClipReport | None]:
-    """Runs `transform` (a `GradientTransform`), with its `ClipReport` if it makes one (else None)."""
-    with_report = reporting_update(transform.update)
-    if with_report is None:
-        grads, state = transform.update(grads, state, variables)
-        return list(grads), state, None
-    grads, state, report = with_report(grads, state, variables)
-    return list(grads), state, _checked(report)
 
 
 def scale_with_report(

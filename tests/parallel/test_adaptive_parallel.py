@@ -1,5 +1,5 @@
 """Adaptive clipping on 2 ranks: each rank trains on its own data, and the model, the optimizer
-slots and the clip state (AutoClip's history, ZClip's statistics, skip_nonfinite's counters) stay
+slots and the clip state (AutoClip's history, ZClip's statistics, zero_nonfinite's counters) stay
 bit-identical, because every statistic is computed from the reduced gradient."""
 
 import keras
@@ -75,10 +75,10 @@ def test_adaptive_clipping_keeps_model_optimizer_and_clip_state_identical(world,
         assert int(state[1]) == STEPS and np.all(state[0] > 0), "the ring buffer wrapped and holds 8 norms"
 
 
-def test_skip_nonfinite_keeps_autoclip_history_clean_on_every_rank(world):
+def test_zero_nonfinite_keeps_autoclip_history_clean_on_every_rank(world):
     rank, _ = world
     # The trainer's own skip is off, so the wrapper is what holds the NaN step back.
-    clip = hvdclip.skip_nonfinite(hvdclip.autoclip(10, history=8))
+    clip = hvdclip.zero_nonfinite(hvdclip.autoclip(10, history=8))
     trainer, metrics = train(clip, rank, nan_step=7, skip_nonfinite=False)
     model_sums, optimizer_sums, clip_sums = fingerprints(trainer)
     state = trainer.clip_state

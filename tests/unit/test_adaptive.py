@@ -1,4 +1,4 @@
-"""Adaptive clipping (AGC, AutoClip, ZClip) and `skip_nonfinite` against NumPy references.
+"""Adaptive clipping (AGC, AutoClip, ZClip) and `zero_nonfinite` against NumPy references.
 
 Every transform here runs as the trainer runs it: state in `tf.Variable`s, `update` inside a
 `tf.function`, new state assigned back (`Compiled`). The references are NumPy transcriptions of
@@ -16,6 +16,7 @@ import tensorflow as tf
 import hvdclip
 from hvdclip.gradients import global_norm
 from hvdclip.transforms.adaptive import ZClipState
+from hvdclip.transforms.base import apply_transform
 from support import make_data, make_mlp
 
 STEPS = 60
@@ -61,7 +62,7 @@ class Compiled:
         self._step = tf.function(self._update)
 
     def _update(self, grads):
-        out, new_state = self.transform.update(list(grads), self.state, self.variables)
+        out, new_state, _ = apply_transform(self.transform, grads, self.state, self.variables)
         tf.nest.map_structure(lambda var, value: var.assign(value), self.state, new_state)
         return out
 
@@ -190,8 +191,8 @@ def test_agc_bounds_every_units_ratio_and_clipping_twice_changes_nothing(shape):
     weight = tf.Variable((rng.normal(size=shape)).astype("float32"))
     grad = tf.constant((rng.normal(size=shape) * 10).astype("float32"))
     agc = hvdclip.adaptive_grad_clip(clipping, eps)
-    once, _ = agc.update([grad], (), [weight])
-    twice, _ = agc.update(once, (), [weight])
+    once = apply_transform(agc, [grad], (), [weight]).grads
+    twice = apply_transform(agc, once, (), [weight]).grads
     axes = UNIT_AXES[shape]
     unit = lambda x: np.sqrt(np.sum(np.asarray(x, np.float64) ** 2, axis=axes))  # noqa: E731
     ratio = unit(once[0]) / np.maximum(unit(weight.numpy()), eps)
@@ -231,7 +232,7 @@ def test_agc_excludes_variables_by_keras_path_and_passes_none_through():
 
 def test_agc_needs_the_variables():
     with pytest.raises(ValueError, match=r"Received: 1 gradients, 0 variables"):
-        hvdclip.adaptive_grad_clip().update([tf.ones(3)], (), [])
+        apply_transform(hvdclip.adaptive_grad_clip(), [tf.ones(3)], (), [])
 
 
 # ------------------------------------------------------------------------------- AutoClip
@@ -322,7 +323,7 @@ def test_zclip_spike_gets_the_reciprocal_threshold_and_feeds_it_to_the_ema():
     assert state.var == pytest.approx(0.97 * 0.25 + 0.03 * (1.5 - mean) ** 2, rel=1e-5)
 
 
-# -------------------------------------------------------------------------- skip_nonfinite
+# -------------------------------------------------------------------------- zero_nonfinite
 
 
 def poisoned(grads, value):
@@ -331,9 +332,9 @@ def poisoned(grads, value):
     return [tf.constant(first)] + grads[1:]
 
 
-def test_skip_nonfinite_keeps_autoclip_history_clean():
+def test_zero_nonfinite_keeps_autoclip_history_clean():
     bad_steps = {5: np.nan, 6: np.inf, 20: -np.inf}
-    wrapped = Compiled(hvdclip.skip_nonfinite(hvdclip.autoclip(25, 8)))
+    wrapped = Compiled(hvdclip.zero_nonfinite(hvdclip.autoclip(25, 8)))
     reference = NumpyAutoClip(25, 8)  # sees only the finite steps
     for step, grads in enumerate(gradient_sequence(steps=30)):
         if step in bad_steps:
@@ -352,8 +353,8 @@ def test_skip_nonfinite_keeps_autoclip_history_clean():
     assert state.skipped == 3
 
 
-def test_skip_nonfinite_lets_a_nonfinite_gradient_through_after_max_consecutive_skips():
-    wrapped = Compiled(hvdclip.skip_nonfinite(hvdclip.zclip(warmup_steps=2), max_consecutive_skips=2))
+def test_zero_nonfinite_lets_a_nonfinite_gradient_through_after_max_consecutive_skips():
+    wrapped = Compiled(hvdclip.zero_nonfinite(hvdclip.zclip(warmup_steps=2), max_consecutive_skips=2))
     nan = [tf.constant([np.nan, 1.0])]
     for _ in range(2):
         assert np.array_equal(wrapped(nan)[0].numpy(), [0.0, 0.0])
@@ -367,18 +368,18 @@ def test_skip_nonfinite_lets_a_nonfinite_gradient_through_after_max_consecutive_
     assert (state.skipped, state.consecutive, state.inner.count) == (2, 0, 2)
 
 
-def test_skip_nonfinite_treats_an_overflowing_norm_as_nonfinite():
-    wrapped = Compiled(hvdclip.skip_nonfinite(hvdclip.clip_by_global_norm(1.0)))
+def test_zero_nonfinite_treats_an_overflowing_norm_as_nonfinite():
+    wrapped = Compiled(hvdclip.zero_nonfinite(hvdclip.clip_by_global_norm(1.0)))
     out = wrapped([tf.constant([1e20, 1.0])])  # finite values, squared norm overflows float32 as in the trainer
     assert np.array_equal(out[0].numpy(), [0.0, 0.0])
     assert wrapped.numpy_state().skipped == 1
 
 
-def test_skip_nonfinite_is_transparent_on_finite_gradients():
+def test_zero_nonfinite_is_transparent_on_finite_gradients():
     grads = gradient_sequence(steps=1)[0]
     variables = agc_variables()
     plain = Compiled(hvdclip.adaptive_grad_clip(0.5), variables)(grads)
-    wrapped = Compiled(hvdclip.skip_nonfinite(hvdclip.adaptive_grad_clip(0.5)), variables)(grads)
+    wrapped = Compiled(hvdclip.zero_nonfinite(hvdclip.adaptive_grad_clip(0.5)), variables)(grads)
     for a, b in zip(plain, wrapped):
         assert (a is None and b is None) or np.array_equal(to_dense(a), to_dense(b))
 
@@ -392,9 +393,9 @@ def test_skip_nonfinite_is_transparent_on_finite_gradients():
         lambda model: hvdclip.adaptive_grad_clip(0.01, exclude=(f"/{model.layers[-1].name}/",)),
         lambda model: hvdclip.autoclip(10, history=4),
         lambda model: hvdclip.zclip(warmup_steps=3, z_threshold=0.5),
-        lambda model: hvdclip.skip_nonfinite(hvdclip.autoclip(10, history=4)),
+        lambda model: hvdclip.zero_nonfinite(hvdclip.autoclip(10, history=4)),
     ],
-    ids=["agc", "autoclip", "zclip", "skip_nonfinite"],
+    ids=["agc", "autoclip", "zclip", "zero_nonfinite"],
 )
 def test_each_method_trains_in_the_trainer_with_state_in_variables(make_clip):
     model = make_mlp(seed=2)
@@ -432,8 +433,8 @@ def test_each_method_trains_in_the_trainer_with_state_in_variables(make_clip):
         (hvdclip.adaptive_grad_clip, {"exclude": ("logits", 3)}, TypeError, r"Received: exclude=\('logits', 3\)$"),
         (hvdclip.adaptive_grad_clip, {"exclude": ["dense_(1"]}, ValueError,
          r"`exclude` must be a tuple or list of str \(regular expressions\); exclude\[0\] is not one .*Received: exclude=\['dense_\(1'\]$"),
-        (hvdclip.skip_nonfinite, {"inner": 1.0}, TypeError, r"`inner` must be a GradientTransform .*Received: inner=1\.0$"),
-        (lambda **kw: hvdclip.skip_nonfinite(hvdclip.autoclip(), **kw), {"max_consecutive_skips": 0}, ValueError,
+        (hvdclip.zero_nonfinite, {"inner": 1.0}, TypeError, r"`inner` must be a GradientTransform .*Received: inner=1\.0$"),
+        (lambda **kw: hvdclip.zero_nonfinite(hvdclip.autoclip(), **kw), {"max_consecutive_skips": 0}, ValueError,
          r"`max_consecutive_skips` must be an integer >= 1\. Received: max_consecutive_skips=0$"),
     ],
 )  # fmt: skip

@@ -224,11 +224,7 @@ TRANSFORMS = {
         ("warmup_steps", "type", 1.0, TypeError, r"`warmup_steps` must be an integer >= 1\. Received: warmup_steps=1\.0$"),
         ("warmup_steps", "range", 0, ValueError, r"`warmup_steps` must be an integer >= 1\. Received: warmup_steps=0$"),
     )),
-    hvdclip.reporting: ({"init": None, "update_with_report": lambda grads, state, variables: (grads, state, None)}, table(
-        ("init", "type", 1.0, TypeError, r"`init` must be callable, or None for a transform without state\. Received: init=1\.0$"),
-        ("update_with_report", "type", None, TypeError, r"`update_with_report` must be callable\. Received: update_with_report=None$"),
-    )),
-    hvdclip.skip_nonfinite: ({"inner": hvdclip.autoclip()}, table(
+    hvdclip.zero_nonfinite: ({"inner": hvdclip.autoclip()}, table(
         ("inner", "type", 1.0, TypeError, r"`inner` must be a GradientTransform .*Received: inner=1\.0$"),
         ("inner", "range", BROKEN_TRANSFORM, TypeError, r"`inner` must be a GradientTransform .*Received: inner=GradientTransform\("),
         ("max_consecutive_skips", "type", 1.5, TypeError, r"`max_consecutive_skips` must be an integer >= 1\. Received: max_consecutive_skips=1\.5$"),
@@ -432,6 +428,7 @@ def test_cli_rejection_through_the_real_entry_point():
 # Public callables whose arguments are not swept, and why.
 NOT_SWEPT = {
     "GradientTransform": "a NamedTuple; checked where it is used (clip=, chain, inner), rows above",
+    "TransformResult": "a NamedTuple `update` returns; checked by apply_transform (test_clip_report.py, test_clipping.py)",
     "ClipReport": "a NamedTuple a transform returns; checked where it is used (test_clip_report.py)",
     "History": "what fit returns, not built by users",
     "Callback": "a base class without arguments; fit calls its hooks",
@@ -440,8 +437,6 @@ NOT_SWEPT = {
 # Arguments with nothing to be out of range (booleans are found from their default).
 NO_RANGE = {
     "loss_fn": "callable: only a non-callable is wrong",
-    "init": "callable or None: only anything else is wrong",
-    "update_with_report": "callable: only a non-callable is wrong",
     "callbacks": "a list of Callback objects",
 }
 

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import hvdclip
 from hvdclip.gradients import global_norm
-from hvdclip.transforms.report import reporting_update, update_and_report
+from hvdclip.transforms.base import apply_transform
 from support import make_clicks, make_data, make_embedding_model, make_mlp
 
 RNG = np.random.default_rng(7)
@@ -55,7 +55,7 @@ REPORTING = {
     "zclip": hvdclip.zclip(alpha=0.9, z_threshold=2.0, warmup_steps=3),
     "chain_value_then_global": hvdclip.chain(hvdclip.clip_by_value(2.0), hvdclip.clip_by_global_norm(3.0)),
     "chain_identity_then_norm": hvdclip.chain(hvdclip.identity(), hvdclip.clip_by_norm(1.0)),
-    "skip_nonfinite": hvdclip.skip_nonfinite(hvdclip.clip_by_global_norm(1.0)),
+    "zero_nonfinite": hvdclip.zero_nonfinite(hvdclip.clip_by_global_norm(1.0)),
 }
 # How close the reported norm is to the measured one: float32 accumulates in float32 both ways;
 # in 16-bit dtypes the output is rounded after scaling, which the report (computed before) cannot see.
@@ -66,15 +66,15 @@ NORM_TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2}
 @pytest.mark.parametrize("name", sorted(REPORTING))
 def test_report_equals_measuring_the_output(name, dtype):
     transform, params = REPORTING[name], variables()
-    assert reporting_update(transform.update) is not None, "every built-in transform reports"
     state = transform.init(params)
     actives = []
     for scale in SCALES:
         grads = gradients(scale, dtype)
-        out, new_state, report = update_and_report(transform, grads, state, params)
-        plain_out, plain_state = transform.update(grads, state, params)
+        out, new_state, report = apply_transform(transform, grads, state, params)
+        assert report is not None, "every built-in transform reports"
+        plain_out, plain_state, _ = transform.update(list(grads), state, params)
 
-        # `update` is exactly the reporting update without the report.
+        # `apply_transform` returns what `update` returned, only checked.
         for a, b in zip(out, plain_out):
             assert (a is None) == (b is None) and (a is None or np.array_equal(dense(a), dense(b)))
         tf.nest.map_structure(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), new_state, plain_state)
@@ -92,7 +92,7 @@ def test_report_equals_measuring_the_output(name, dtype):
 def test_a_factor_that_rounds_to_one_in_the_gradients_dtype_is_not_a_clip(dtype):
     grads = gradients(1.0, dtype)
     norm = float(global_norm(grads))
-    out, _, report = update_and_report(hvdclip.clip_by_global_norm(norm * 0.99995), grads, (), variables())
+    out, _, report = apply_transform(hvdclip.clip_by_global_norm(norm * 0.99995), grads, (), variables())
     assert not changed(grads, out), "the factor is exactly 1 in 16 bits"
     assert bool(report.active) is False
     assert float(report.norm) == pytest.approx(norm, rel=1e-6)
@@ -103,16 +103,16 @@ def test_a_norm_that_overflows_is_reported_as_it_is_measured(name):
     """A finite gradient whose squared norm overflows float32 gets the factor max/Inf = 0: zeros, not NaN."""
     grads = [tf.constant([1e20, 1.0]), tf.constant([3.0])]
     transform = REPORTING[name]
-    out, _, report = update_and_report(transform, grads, transform.init([]), [])
+    out, _, report = apply_transform(transform, grads, transform.init([]), [])
     assert float(report.norm) == pytest.approx(float(global_norm(out)), rel=1e-6)
     assert bool(report.active) == changed(grads, out)
 
 
-def test_skip_nonfinite_reports_the_zeros_it_puts_in_place_of_a_nan_gradient():
-    transform, params = REPORTING["skip_nonfinite"], variables()
+def test_zero_nonfinite_reports_the_zeros_it_puts_in_place_of_a_nan_gradient():
+    transform, params = REPORTING["zero_nonfinite"], variables()
     grads = gradients(1e-3)
     grads[0] = tf.constant(np.full((4, 3), np.nan, "float32"))
-    out, _, report = update_and_report(transform, grads, transform.init(params), params)
+    out, _, report = apply_transform(transform, grads, transform.init(params), params)
     assert float(report.norm) == 0.0 == float(global_norm(out))
     assert bool(report.active) is True
 
@@ -125,29 +125,33 @@ def test_a_transform_is_still_a_pair():
     assert callable(init) and callable(update)
 
 
+def report_of(transform):
+    params = variables()
+    return apply_transform(transform, gradients(1.0), transform.init(params), params).report
+
+
 def test_chain_reports_only_when_every_member_does():
-    unreported = hvdclip.GradientTransform(*hvdclip.clip_by_norm(1.0))
-    plain_update = lambda grads, state, variables: (grads, state)  # noqa: E731
-    unreported = unreported._replace(update=plain_update)
-    assert reporting_update(unreported.update) is None
-    assert reporting_update(hvdclip.chain(hvdclip.clip_by_value(1.0), unreported).update) is None
-    assert reporting_update(hvdclip.chain(hvdclip.clip_by_value(1.0), hvdclip.clip_by_norm(1.0)).update) is not None
-    assert reporting_update(hvdclip.skip_nonfinite(unreported).update) is None
-    assert reporting_update(hvdclip.skip_nonfinite(hvdclip.clip_by_norm(1.0)).update) is not None
+    plain_update = lambda grads, state, variables: hvdclip.TransformResult(grads, state)  # noqa: E731
+    unreported = hvdclip.clip_by_norm(1.0)._replace(update=plain_update)
+    assert report_of(unreported) is None
+    assert report_of(hvdclip.chain(hvdclip.clip_by_value(1.0), unreported)) is None
+    assert report_of(hvdclip.chain(hvdclip.clip_by_value(1.0), hvdclip.clip_by_norm(1.0))) is not None
+    assert report_of(hvdclip.zero_nonfinite(unreported)) is None
+    assert report_of(hvdclip.zero_nonfinite(hvdclip.clip_by_norm(1.0))) is not None
 
 
-def test_replacing_update_drops_the_report_so_the_new_update_is_what_runs():
-    zeros = lambda grads, state, variables: ([None if g is None else tf.zeros_like(g) for g in grads], state)  # noqa: E731
+def test_a_transform_without_a_report_is_measured_by_the_trainer():
+    zeros = lambda grads, state, variables: hvdclip.TransformResult([None if g is None else tf.zeros_like(g) for g in grads], state)  # noqa: E731
     replaced = hvdclip.clip_by_global_norm(1.0)._replace(update=zeros)
     metrics = run(replaced, steps=1)[0]
     assert metrics["clipped_grad_norm"] == 0.0 and metrics["clip_active"] is True
 
 
 def lying(report):
-    def update_with_report(grads, state, variables):
-        return list(grads), state, report
+    def update(grads, state, variables):
+        return hvdclip.TransformResult(list(grads), state, report)
 
-    return hvdclip.reporting(None, update_with_report)
+    return hvdclip.GradientTransform(lambda variables: (), update)
 
 
 @pytest.mark.parametrize(
@@ -164,9 +168,9 @@ def test_a_malformed_report_is_refused_with_what_was_received(report, shown, in_
     transform = lying(report)
     if in_chain:
         transform = hvdclip.chain(hvdclip.clip_by_value(1.0), transform)
-    with pytest.raises(TypeError, match=r"`update_with_report` must return \(grads, state, hvdclip\.ClipReport\(norm, active\)\), "
+    with pytest.raises(TypeError, match=r"`update` must return a TransformResult whose `report` is None or hvdclip\.ClipReport\(norm, active\), "
                        r"with `norm` a float32 scalar or None and `active` a bool scalar\. Received: report=" + shown):
-        update_and_report(transform, gradients(1.0), transform.init([]), variables())
+        apply_transform(transform, gradients(1.0), transform.init([]), variables())
 
 
 # ------------------------------------------------------------------------------- in the trainer
@@ -192,7 +196,7 @@ IN_THE_TRAINER = {
     "agc": (hvdclip.adaptive_grad_clip(100.0), False),
     "zclip": (hvdclip.zclip(alpha=0.9, z_threshold=1.0, warmup_steps=3), False),
     "chain": (hvdclip.chain(hvdclip.clip_by_value(8.0), hvdclip.clip_by_global_norm(15.0)), False),
-    "skip_nonfinite": (hvdclip.skip_nonfinite(hvdclip.clip_by_global_norm(15.0)), False),
+    "zero_nonfinite": (hvdclip.zero_nonfinite(hvdclip.clip_by_global_norm(15.0)), False),
     "sparse_global_norm": (hvdclip.clip_by_global_norm(0.42), True),
     "sparse_agc": (hvdclip.adaptive_grad_clip(2.0, eps=0.1), True),
 }
@@ -201,7 +205,7 @@ IN_THE_TRAINER = {
 @pytest.mark.parametrize("name", sorted(IN_THE_TRAINER))
 def test_trainer_metrics_from_the_report_equal_the_measured_ones(name):
     transform, sparse = IN_THE_TRAINER[name]
-    plain_update = lambda grads, state, variables: transform.update(grads, state, variables)  # noqa: E731
+    plain_update = lambda grads, state, variables: transform.update(grads, state, variables)._replace(report=None)  # noqa: E731
     measured = run(hvdclip.GradientTransform(transform.init, plain_update), sparse=sparse)  # No report: measured.
     reported = run(transform, sparse=sparse)
     assert [m["clip_active"] for m in reported] == [m["clip_active"] for m in measured]
@@ -221,7 +225,8 @@ def test_trainer_logs_what_the_report_says():
 def test_a_non_finite_gradient_is_not_a_clip(reports):
     transform = hvdclip.clip_by_global_norm(1.0)
     if not reports:
-        transform = transform._replace(update=lambda grads, state, variables: hvdclip.clip_by_global_norm(1.0).update(grads, state, variables))
+        unreported = lambda grads, state, variables: hvdclip.clip_by_global_norm(1.0).update(grads, state, variables)._replace(report=None)  # noqa: E731
+        transform = transform._replace(update=unreported)
     x, y = make_data(seed=5, n=8)
     trainer = hvdclip.HvdClipTrainer(make_mlp(seed=2), keras.optimizers.SGD(0.05), keras.losses.MeanSquaredError(), clip=transform)
     metrics = trainer.train_step(np.where(np.arange(8)[:, None] == 3, np.nan, x).astype("float32"), y)

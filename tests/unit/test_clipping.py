@@ -8,6 +8,7 @@ import keras
 
 import hvdclip
 from hvdclip.gradients import UniqueSlices, dedupe, global_norm, scale
+from hvdclip.transforms.base import apply_transform
 from support import make_clicks, make_embedding_model
 
 RNG = np.random.default_rng(0)
@@ -29,8 +30,7 @@ def to_dense(grad):
 
 def apply(transform, grads, variables=()):
     state = transform.init(list(variables))
-    out, _ = transform.update(list(grads), state, list(variables))
-    return out
+    return apply_transform(transform, grads, state, list(variables)).grads
 
 
 def np_global_norm(arrays):
@@ -120,6 +120,24 @@ def test_norm_after_clipping_is_bounded_on_random_inputs():
         assert float(global_norm(out)) <= max_norm * (1 + 1e-5)
 
 
+@pytest.mark.parametrize("trial", range(10))
+def test_global_norm_clip_properties_on_random_inputs(trial):
+    """Norm after clipping <= max; clipping the output again changes nothing; under max, bit-identical."""
+    rng = np.random.default_rng(100 + trial)
+    max_norm = float(rng.uniform(0.01, 10))
+    grads = [tf.constant(rng.normal(size=shape).astype("float32") * rng.uniform(0, 50)) for shape in [(3, 4), (5,), (1,)]]
+    values = rng.normal(size=(4, 2)).astype("float32") * rng.uniform(0, 50)
+    grads.append(tf.IndexedSlices(tf.constant(values), tf.constant(rng.integers(0, 3, size=4)), tf.constant([3, 2])))
+    clip = hvdclip.clip_by_global_norm(max_norm)
+    once = apply(clip, grads)
+    twice = apply(clip, once)
+    assert float(global_norm(once)) <= max_norm * (1 + 1e-5)
+    for a, b in zip(once, twice):
+        np.testing.assert_allclose(to_dense(b), to_dense(a), rtol=1e-5, atol=1e-7)
+    if float(global_norm(grads)) <= max_norm:
+        assert all(np.array_equal(to_dense(a), to_dense(b)) for a, b in zip(grads, once))
+
+
 def test_chain_order_matters_as_documented():
     grads = [tf.constant([10.0, 0.1, -10.0])]
     value_then_norm = apply(hvdclip.chain(hvdclip.clip_by_value(0.5), hvdclip.clip_by_global_norm(1.0)), grads)
@@ -194,3 +212,76 @@ def test_the_step_merges_each_sparse_gradient_once(clip):
     trainer.train_step(ids, clicks)
     step = trainer._compiled["step"].get_concrete_function(tf.constant(ids), tf.constant(clicks))
     assert op_count(step, "Unique") == 1
+
+
+# ---------------------------------------------------------------------------------- the protocol
+
+
+def halve():
+    """A user's transform as the `GradientTransform` docstring shows it: no state, no report."""
+
+    def update(grads, state, variables):
+        del variables
+        return hvdclip.TransformResult([None if g is None else scale(g, 0.5) for g in grads], state)
+
+    return hvdclip.GradientTransform(lambda variables: (), update)
+
+
+def test_a_custom_transform_without_a_report_runs_alone_and_in_a_chain():
+    grads = [tf.constant([3.0, 4.0]), None]
+    halved = apply_transform(halve(), grads, (), [])
+    assert halved.report is None and halved.grads[1] is None
+    np.testing.assert_array_equal(halved.grads[0].numpy(), [1.5, 2.0])
+
+    clip = hvdclip.chain(halve(), hvdclip.clip_by_global_norm(1.0))
+    state = clip.init([])
+    assert state == ((), ())
+    out, new_state, report = apply_transform(clip, grads, state, [])
+    assert report is None, "a member without a report leaves the chain's output to be measured"
+    assert new_state == ((), ())
+    np.testing.assert_allclose(out[0].numpy(), [0.6, 0.8], rtol=1e-6)
+
+
+def test_a_custom_transform_without_a_report_is_measured_in_the_trainer():
+    ids, clicks = make_clicks(seed=0, n=8)
+    trainer = hvdclip.HvdClipTrainer(
+        make_embedding_model(seed=0), keras.optimizers.SGD(0.1), keras.losses.BinaryCrossentropy(),
+        clip=hvdclip.chain(halve(), hvdclip.clip_by_global_norm(1e6)),
+    )
+    metrics = trainer.train_step(ids, clicks)
+    assert metrics["clipped_grad_norm"] == pytest.approx(metrics["grad_norm"] / 2, rel=1e-5)
+    assert metrics["clip_active"] is True
+
+
+def test_chain_refuses_a_state_of_another_length():
+    clip = hvdclip.chain(hvdclip.clip_by_value(1.0), hvdclip.autoclip(10, history=4), hvdclip.clip_by_global_norm(1.0))
+    state = hvdclip.chain(hvdclip.clip_by_value(1.0), hvdclip.autoclip(10, history=4)).init([])
+    with pytest.raises(ValueError, match=r"^`state` must have one entry per chained transform \(3\)\. Received: 2 entries; "
+                       r"build the state with this chain's `init`$"):
+        clip.update([tf.ones(2)], state, [])
+
+
+def test_chain_refuses_a_state_that_is_not_a_tuple():
+    with pytest.raises(TypeError, match=r"^`state` must be a tuple with one entry per chained transform \(1\), .*Received: state=None$"):
+        hvdclip.chain(hvdclip.clip_by_value(1.0)).update([tf.ones(2)], None, [])
+
+
+def test_an_optax_style_pair_from_update_is_refused_with_what_to_return():
+    optax_style = hvdclip.GradientTransform(lambda variables: (), lambda grads, state, variables: (grads, state))
+    message = (r"^`update` must return hvdclip\.TransformResult\(grads, state\), or TransformResult\(grads, state, report\) "
+               r"with report=hvdclip\.ClipReport\(norm, active\)\. Received: a tuple of 2 items \(list, tuple\)$")
+    with pytest.raises(TypeError, match=message):
+        apply_transform(optax_style, [tf.ones(2)], (), [])
+    with pytest.raises(TypeError, match=message):  # Inside a chain too: chain runs its members the same way.
+        apply_transform(hvdclip.chain(hvdclip.clip_by_value(1.0), optax_style), [tf.ones(2)], ((), ()), [])
+
+
+def test_an_update_that_drops_a_gradient_is_refused():
+    first_only = hvdclip.GradientTransform(lambda variables: (), lambda grads, state, variables: hvdclip.TransformResult(grads[:1], state))
+    with pytest.raises(ValueError, match=r"^`update` must return one gradient per input gradient .*Received: 1 gradients for 2$"):
+        apply_transform(first_only, [tf.ones(2), None], (), [])
+
+
+def test_transform_result_report_defaults_to_none():
+    result = hvdclip.TransformResult([tf.ones(1)], ())
+    assert result.report is None and result._fields == ("grads", "state", "report")
