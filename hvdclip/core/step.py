@@ -73,6 +73,15 @@ def _changed(before: Any, after: Any) -> tf.Tensor:
     )
 
 
+def _checked_named_variables(name: str, value: Any) -> list[tuple[str, tf.Variable]]:
+    pairs = list(value) if isinstance(value, (list, tuple)) else None
+    if pairs is None or not all(
+        isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], tf.Variable) for p in pairs
+    ):
+        raise TypeError(f"`{name}` must be a list of (name, tf.Variable) pairs. Received: {name}={value!r}")
+    return pairs
+
+
 class Clipper:
     """The core step: reduce, unscale, merge sparse rows, clip, guard, apply; and the one broadcast.
 
@@ -175,6 +184,7 @@ class Clipper:
         require_initialized("Clipper.broadcast_initial_state")
         if not isinstance(model, keras.Model):
             raise TypeError(f"`model` must be a keras.Model (Keras 3). Received: model={model!r}")
+        extra = _checked_named_variables("extra", extra)
         if not model.built or not model.trainable_variables:
             raise ValueError(
                 f"`model` {model.name!r} is not built yet or has no trainable variables; call it on a batch or "

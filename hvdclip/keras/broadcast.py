@@ -27,6 +27,16 @@ def broadcast_initial_state(model: keras.Model) -> None:
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None:
         raise ValueError(f"`model` {model.name!r} is not compiled: call model.compile(optimizer=...) first.")
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and isinstance(
+        optimizer.inner_optimizer, DistributedOptimizer
+    ):
+        raise ValueError(
+            "Keras wrapped hvdclip's DistributedOptimizer in a LossScaleOptimizer (the mixed_float16 policy's "
+            "auto_scale_loss), which would test each rank's local gradient for NaN before the reduction and let ranks "
+            "take different branches. Compile with auto_scale_loss=False and put the loss scaling inside: "
+            "DistributedOptimizer(keras.optimizers.LossScaleOptimizer(optimizer), clip=...). "
+            f"Received: model.optimizer={optimizer.name!r} around {optimizer.inner_optimizer.name!r}"
+        )
     if not model.built:
         raise ValueError(
             f"`model` {model.name!r} is not built yet: call it on a batch or `model.build(input_shape)` first, "

@@ -78,6 +78,9 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             gradient_predivide_factor=gradient_predivide_factor,
             groups=groups,
         )
+        if name is not None and (not isinstance(name, str) or not name):
+            error = TypeError if not isinstance(name, str) else ValueError
+            raise error(f"`name` must be a non-empty str or None. Received: name={name!r}")
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = optimizer
         self.clipper = clipper

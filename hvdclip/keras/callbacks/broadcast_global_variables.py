@@ -24,7 +24,12 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
 
     def __init__(self, root_rank: int = 0) -> None:
         super().__init__()
-        check_int("root_rank", root_rank, ge=0, le=0)
+        check_int("root_rank", root_rank, ge=0)
+        if root_rank != 0:
+            raise ValueError(
+                "`root_rank` must be 0: hvdclip starts every rank from rank 0, the rank that also writes "
+                f"checkpoints and logs. Received: root_rank={root_rank!r}"
+            )
         self.root_rank = root_rank
 
     def set_model(self, model):
