@@ -101,7 +101,7 @@ def main():
     if args.tensorboard_dir:
         callbacks.append(hvdclip.TensorBoard(args.tensorboard_dir, every_n_steps=5))
     if args.patience is not None:
-        callbacks.append(hvdclip.EarlyStopping("val_loss", patience=args.patience))
+        callbacks.append(keras.callbacks.EarlyStopping("val_loss", patience=args.patience))
 
     trainer.fit(
         train,

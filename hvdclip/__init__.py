@@ -31,7 +31,6 @@ _EXPORTS = {
     "zclip": "hvdclip.transforms",
     "zero_nonfinite": "hvdclip.transforms",
     "Callback": "hvdclip.trainer.callbacks",
-    "EarlyStopping": "hvdclip.trainer.callbacks",
     "ProgressBar": "hvdclip.trainer.callbacks",
     "TensorBoard": "hvdclip.trainer.tensorboard",
     "CheckpointSaver": "hvdclip.trainer.checkpoint",

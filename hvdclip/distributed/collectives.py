@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from hvdclip.distributed.bridge import as_tf_variables
 
-__all__ = ["broadcast_from_root", "agree_any", "agree_min", "sum_over_ranks", "allgather_int64"]
+__all__ = ["broadcast_from_root", "agree_any", "agree_min", "sum_over_ranks", "sum_variables_over_ranks", "allgather_int64"]
 
 
 def broadcast_from_root(variables: Sequence, root_rank: int = 0) -> None:
@@ -39,6 +39,12 @@ def agree_min(value: int, name: str) -> int:
 def sum_over_ranks(values, name: str) -> np.ndarray:
     """The element-wise sum of a float64 or int64 vector over ranks (one allreduce)."""
     return hvd.allreduce(tf.convert_to_tensor(values), op=hvd.Sum, name=f"hvdclip_sum_{name}").numpy()
+
+
+def sum_variables_over_ranks(variables: Sequence, name: str) -> None:
+    """Replaces each variable (e.g. a Keras metric's state) by its sum over ranks, in place."""
+    for index, variable in enumerate(as_tf_variables(variables)):
+        variable.assign(sum_over_ranks(variable.value(), f"{name}_{index}"))
 
 
 def allgather_int64(values, name: str) -> np.ndarray:

@@ -7,7 +7,6 @@ that write (progress bar, TensorBoard, checkpoints) do so on rank 0 only.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -19,7 +18,7 @@ from hvdclip.distributed.rank_zero import is_rank_zero
 from hvdclip.trainer.step_logs import display_name
 from hvdclip.validation import check_int, check_number
 
-__all__ = ["Callback", "CallbackList", "ProgressBar", "EarlyStopping"]
+__all__ = ["Callback", "CallbackList", "KerasCallback", "ProgressBar"]
 
 
 class Callback:
@@ -85,18 +84,20 @@ class CallbackList:
 
     @staticmethod
     def checked(callbacks: Any) -> list[Callback]:
-        """Validates `fit`'s `callbacks=` argument."""
+        """Validates `fit`'s `callbacks=` argument; Keras callbacks are wrapped in `KerasCallback`."""
         if callbacks is None:
             return []
-        if isinstance(callbacks, Callback) or not isinstance(callbacks, (list, tuple)):
-            raise TypeError(f"`callbacks` must be a list of hvdclip.Callback objects. Received: callbacks={callbacks!r}")
+        what = "a list of Keras callbacks or hvdclip.Callback objects"
+        if isinstance(callbacks, (Callback, keras.callbacks.Callback)) or not isinstance(callbacks, (list, tuple)):
+            raise TypeError(f"`callbacks` must be {what}. Received: callbacks={callbacks!r}")
+        checked = []
         for position, callback in enumerate(callbacks):
+            if isinstance(callback, keras.callbacks.Callback):
+                callback = KerasCallback(callback)
             if not isinstance(callback, Callback):
-                raise TypeError(
-                    "`callbacks` must be a list of hvdclip.Callback objects (Keras callbacks do not fit "
-                    f"this trainer's loop). Received: callbacks[{position}]={callback!r}"
-                )
-        return list(callbacks)
+                raise TypeError(f"`callbacks` must be {what}. Received: callbacks[{position}]={callback!r}")
+            checked.append(callback)
+        return checked
 
     def on_train_begin(self, logs=None):
         for callback in self.callbacks:
@@ -178,62 +179,49 @@ class ProgressBar(Callback):
         return values
 
 
-class EarlyStopping(Callback):
-    """Stops `fit` when a monitored epoch metric has stopped improving, on every rank together.
+class KerasCallback(Callback):
+    """Runs a Keras callback inside `HvdClipTrainer.fit`, on the trainer's model.
 
-    The epoch logs it reads are averaged over ranks (training metrics over all ranks' steps,
-    validation metrics over all ranks' examples), so every rank makes the same decision.
-
-    Args:
-        monitor: an epoch-log key, such as `"val_loss"` (needs `validation_data`) or `"loss"`.
-        min_delta: the least change that counts as an improvement.
-        patience: epochs without improvement to tolerate; the next one stops training
-            (`patience=0` stops at the first epoch that does not improve).
-        mode: `"min"` (lower is better), `"max"`, or `"auto"`: `"max"` for accuracy and AUC
-            metrics, else `"min"`.
-
-    Example:
-        >>> stop = hvdclip.EarlyStopping(monitor="val_loss", patience=3)
-        >>> trainer.fit(train, epochs=100, validation_data=val, callbacks=[stop])
+    Keras' own callbacks work unchanged: the epoch logs they read are the same on every rank
+    (means over ranks), so `EarlyStopping` and `ReduceLROnPlateau` decide the same everywhere; a
+    callback that sets `model.stop_training` stops every rank after that epoch. The model's
+    `optimizer` attribute is the trainer's optimizer (for learning-rate callbacks). Batch hooks
+    receive the step's metrics as Python floats, read from the device only for callbacks that
+    implement them.
     """
 
-    def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0, mode: str = "auto") -> None:
-        if not isinstance(monitor, str) or not monitor:
-            error = ValueError if isinstance(monitor, str) else TypeError
-            raise error(f"`monitor` must be the name of an epoch metric, e.g. 'val_loss'. Received: monitor={monitor!r}")
-        self.monitor = monitor
-        self.min_delta = abs(check_number("min_delta", min_delta))
-        self.patience = check_int("patience", patience, ge=0)
-        if mode not in ("auto", "min", "max"):
-            raise ValueError(f"`mode` must be one of 'auto', 'min', 'max'. Received: mode={mode!r}")
-        if mode == "auto":
-            mode = "max" if any(word in monitor for word in ("acc", "auc")) else "min"
-        self.mode = mode
-        self.stopped_epoch: int | None = None
+    def __init__(self, callback: keras.callbacks.Callback) -> None:
+        self.callback = callback
+        batch_hooks = getattr(callback, "_implements_train_batch_hooks", lambda: True)
+        self._batch_hooks = bool(batch_hooks())
+        self._epoch_first_step = 0
+
+    def set_trainer(self, trainer: Any) -> None:
+        super().set_trainer(trainer)
+        if getattr(trainer.model, "optimizer", None) is None:
+            trainer.model.optimizer = trainer.optimizer
+        self.callback.set_model(trainer.model)
+
+    def set_params(self, params: dict) -> None:
+        super().set_params(params)
+        self.callback.set_params({"epochs": params["epochs"], "steps": params["steps"], "verbose": params["verbose"]})
 
     def on_train_begin(self, logs=None):
-        self.best = math.inf if self.mode == "min" else -math.inf
-        self.wait = 0
-        self.stopped_epoch = None
+        self.callback.on_train_begin({})
 
-    def _improved(self, value: float) -> bool:
-        if self.mode == "min":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_first_step = self.trainer.global_step.numpy()
+        self.callback.on_epoch_begin(epoch, {})
+
+    def on_step_end(self, step, logs):
+        if self._batch_hooks:
+            values = {name: float(value) for name, value in logs.items()}
+            self.callback.on_train_batch_end(int(step - self._epoch_first_step) - 1, values)
 
     def on_epoch_end(self, epoch, logs):
-        if self.monitor not in logs:
-            raise ValueError(
-                f"`monitor` names no epoch metric: {self.monitor!r} is not among {sorted(logs)} "
-                "(`val_*` metrics need `validation_data`). "
-                f"Received: monitor={self.monitor!r}"
-            )
-        value = logs[self.monitor]
-        if not math.isnan(value) and self._improved(value):
-            self.best = value
-            self.wait = 0
-            return
-        self.wait += 1
-        if self.wait > self.patience:
-            self.stopped_epoch = epoch
+        self.callback.on_epoch_end(epoch, logs)
+        if getattr(self.trainer.model, "stop_training", False):
             self.trainer.stop_training = True
+
+    def on_train_end(self, logs=None):
+        self.callback.on_train_end(dict(logs or {}))

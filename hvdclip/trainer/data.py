@@ -16,9 +16,9 @@ from typing import Any
 
 import tensorflow as tf
 
-from hvdclip.validation import check_bool, check_int
+from hvdclip.validation import check_bool, check_int, check_number
 
-__all__ = ["InputPlan", "batch_size_of", "check_batch"]
+__all__ = ["InputPlan", "batch_size_of", "check_batch", "check_class_weight"]
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,11 @@ class InputPlan:
     def checked(cls, argument: str, dataset: Any, *, rank: int, size: int, shard: Any = True,
                 batch_size: Any = None, drop_remainder: bool = True, shuffle_buffer: Any = None) -> InputPlan:
         """Validates the user's arguments (`argument` is the dataset's parameter name)."""
-        what = "(x, y) examples" if batch_size is not None else "(x, y) batches"
+        what = "(x, y) or (x, y, sample_weight) " + ("examples" if batch_size is not None else "batches")
         if not isinstance(dataset, tf.data.Dataset):
             raise TypeError(f"`{argument}` must be a tf.data.Dataset of {what}. Received: {argument}={dataset!r}")
-        if not isinstance(dataset.element_spec, (tuple, list)) or len(dataset.element_spec) != 2:
-            raise ValueError(f"`{argument}` must be a tf.data.Dataset of {what} (pairs). Received: {argument}={dataset!r}")
+        if not isinstance(dataset.element_spec, (tuple, list)) or len(dataset.element_spec) not in (2, 3):
+            raise ValueError(f"`{argument}` must be a tf.data.Dataset of {what}. Received: {argument}={dataset!r}")
         if int(dataset.cardinality()) == 0:
             raise ValueError(f"`{argument}` must not be empty. Received: {argument}={dataset!r}")
         check_bool("shard", shard)
@@ -78,8 +78,8 @@ class InputPlan:
     def sample_batch(self) -> Any:
         """The first batch's `x` (unshuffled), to build a model that creates its weights on first call."""
         dataset = self.dataset if self.batch_size is None else self.dataset.batch(self.batch_size)
-        for x, _ in dataset.take(1):
-            return x
+        for element in dataset.take(1):
+            return element[0]
         raise ValueError("`dataset` is empty, so there is nothing to train or evaluate on.")
 
     def warn_if_uneven(self) -> None:
@@ -101,6 +101,42 @@ class InputPlan:
         )
 
 
+def check_class_weight(class_weight: Any) -> tf.Tensor | None:
+    """`fit`'s `class_weight` ({class index: weight}) as a dense weight per class, or None."""
+    if class_weight is None:
+        return None
+    if (
+        not isinstance(class_weight, dict)
+        or not class_weight
+        or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in class_weight)
+    ):
+        raise TypeError(
+            "`class_weight` must be a dict from class index (int >= 0) to weight, e.g. {0: 1.0, 1: 5.0}. "
+            f"Received: class_weight={class_weight!r}"
+        )
+    weights = [0.0] * (max(class_weight) + 1)
+    for index, weight in class_weight.items():
+        weights[index] = check_number(f"class_weight[{index}]", weight, ge=0)
+    return tf.constant(weights, tf.float32)
+
+
+def with_class_weight(batches: tf.data.Dataset, weights: tf.Tensor) -> tf.Tensor:
+    """Batches `(x, y[, sample_weight])` with each example's weight multiplied by its class's.
+
+    `y` holds class indices, or one-hot rows (the class is the argmax), as in Keras' `fit`.
+    """
+
+    def weighted(x, y, sample_weight=None):
+        labels = y if y.shape.rank == 1 or y.shape[-1] == 1 else tf.argmax(y, axis=-1)
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+        per_example = tf.gather(weights, labels)
+        if sample_weight is not None:
+            per_example = per_example * tf.cast(tf.reshape(sample_weight, [-1]), tf.float32)
+        return x, y, per_example
+
+    return batches.map(weighted)
+
+
 def batch_size_of(x: Any) -> int:
     """The leading dimension of a batch `x` (the first tensor if `x` is a nest); no host sync."""
     first = tf.nest.flatten(x)[0]
@@ -118,11 +154,12 @@ def _is_batch(leaf: Any) -> bool:
     return numeric and len(getattr(leaf, "shape", ())) >= 1
 
 
-def check_batch(x: Any, y: Any) -> None:
+def check_batch(x: Any, y: Any, sample_weight: Any = None) -> None:
     """Validates a batch given to `train_step` before it is traced: numeric tensors or arrays (or
     nests of them) with a leading batch axis, as many examples in each, and at least one."""
     rows = {}
-    for name, value in (("x", x), ("y", y)):
+    given = (("x", x), ("y", y)) + ((("sample_weight", sample_weight),) if sample_weight is not None else ())
+    for name, value in given:
         leaves = tf.nest.flatten(value)
         if not leaves or not all(_is_batch(leaf) for leaf in leaves):
             raise TypeError(
@@ -130,11 +167,8 @@ def check_batch(x: Any, y: Any) -> None:
                 f"list, tuple or dict of them. Received: {name}={value!r}"
             )
         rows[name] = sorted({leaf.shape[0] for leaf in leaves if leaf.shape[0] is not None})
-    if len(set(rows["x"] + rows["y"])) > 1:
-        shown = {name: "/".join(map(str, counts)) for name, counts in rows.items()}
-        raise ValueError(
-            "`x` and `y` must hold the same number of examples (their first axis). "
-            f"Received: x with {shown['x']} rows, y with {shown['y']}"
-        )
+    if len(set(sum(rows.values(), []))) > 1:
+        shown = ", ".join(f"{name} with {'/'.join(map(str, counts))} rows" for name, counts in rows.items())
+        raise ValueError(f"`x`, `y` (and `sample_weight`) must hold the same number of examples (their first axis). Received: {shown}")
     if rows["x"] == [0]:
         raise ValueError("`x` must hold at least one example. Received: x and y with 0 rows")

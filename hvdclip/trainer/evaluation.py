@@ -14,8 +14,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from hvdclip.distributed import bridge as horovod_bridge
-from hvdclip.distributed.collectives import sum_over_ranks
+from hvdclip.distributed.collectives import sum_over_ranks, sum_variables_over_ranks
 
 __all__ = ["Evaluator", "check_metrics"]
 
@@ -46,14 +45,12 @@ class Evaluator:
         self.metrics = list(metrics)
         self._compiled_batch = tf.function(self._batch, reduce_retracing=True)
 
-    def _batch(self, x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:
+    def _batch(self, x: Any, y: Any, sample_weight: Any = None) -> tuple[tf.Tensor, tf.Tensor]:
         model = self.trainer.model
         y_pred = model(x, training=False)
-        loss = tf.reduce_mean(self.trainer.loss_fn(y, y_pred))
-        if model.losses:
-            loss = loss + tf.add_n([tf.cast(extra, loss.dtype) for extra in model.losses])
+        loss = self.trainer.compute_loss(y, y_pred, sample_weight)
         for metric in self.metrics:
-            metric.update_state(y, y_pred)
+            metric.update_state(y, y_pred, sample_weight=sample_weight)
         count = tf.cast(tf.shape(tf.nest.flatten(y)[0])[0], tf.float64)
         return tf.cast(loss, tf.float64) * count, count
 
@@ -63,14 +60,12 @@ class Evaluator:
             metric.reset_state()
         loss_sum = tf.constant(0.0, tf.float64)
         count = tf.constant(0.0, tf.float64)
-        for x, y in batches:
-            batch_loss, batch_count = self._compiled_batch(x, y)
+        for batch in batches:
+            batch_loss, batch_count = self._compiled_batch(*batch)
             loss_sum += batch_loss
             count += batch_count
         totals = sum_over_ranks(tf.stack([loss_sum, count]), "eval_loss")
-        state = horovod_bridge.as_tf_variables([v for metric in self.metrics for v in metric.variables])
-        for index, variable in enumerate(state):
-            variable.assign(sum_over_ranks(variable.value(), f"eval_metric_{index}"))
+        sum_variables_over_ranks([v for metric in self.metrics for v in metric.variables], "eval_metric")
         results = {"loss": float(totals[0] / totals[1]) if totals[1] else float("nan")}
         results.update({metric.name: float(metric.result()) for metric in self.metrics})
         return results

@@ -20,9 +20,9 @@ from typing import Any
 import tensorflow as tf
 
 from hvdclip.distributed import runtime
-from hvdclip.distributed.collectives import agree_any
+from hvdclip.distributed.collectives import agree_any, sum_variables_over_ranks
 from hvdclip.trainer.callbacks import CallbackList, ProgressBar
-from hvdclip.trainer.data import InputPlan, batch_size_of
+from hvdclip.trainer.data import InputPlan, batch_size_of, check_class_weight, with_class_weight
 from hvdclip.trainer.evaluation import Evaluator, check_metrics
 from hvdclip.validation import check_int
 
@@ -41,6 +41,7 @@ def fit(
     validation_data: Any,
     validation_metrics: Any,
     callbacks: Any,
+    class_weight: Any,
     verbose: Any,
     history: Any,
 ) -> None:
@@ -63,6 +64,7 @@ def fit(
     if metrics and validation is None:
         raise ValueError(f"`validation_metrics` needs `validation_data`. Received: validation_metrics={metrics!r}")
     user_callbacks = CallbackList.checked(callbacks)
+    class_weights = check_class_weight(class_weight)
     verbose = check_int("verbose", verbose, ge=0, le=2)
 
     steps = trainer.agreed_steps(plan.for_epoch(), steps_per_epoch)
@@ -82,6 +84,7 @@ def fit(
     hooks = CallbackList(progress + user_callbacks, trainer, {"epochs": epochs, "steps": steps, "verbose": verbose})
     evaluate = Evaluator(trainer, metrics) if validation is not None else None
     trainer.stop_training = False
+    trainer.model.stop_training = False  # What Keras callbacks set to stop.
     logs: dict[str, float] = {}
     names: set[str] = set()
 
@@ -91,23 +94,31 @@ def fit(
         # A resumed epoch reuses its seed, so it continues the same order where it stopped.
         seed = state.new_shuffle_seed() if first == 0 else int(state.shuffle_seed.numpy())
         state.epoch_sums.reset()
+        for metric in trainer.metrics:
+            metric.reset_state()
         hooks.on_epoch_begin(epoch, {"first_step": first})
-        for x, y in plan.for_epoch(seed).take(steps).skip(first):
-            metrics_now = trainer.run_step(x, y)  # Also advances the counters in `state`.
+        batches = plan.for_epoch(seed)
+        if class_weights is not None:
+            batches = with_class_weight(batches, class_weights)
+        for batch in batches.take(steps).skip(first):
+            metrics_now = trainer.run_step(*batch)  # Also advances the counters in `state`.
             global_step += 1
-            hooks.on_step_end(global_step, {**metrics_now, "samples": batch_size_of(x)})
+            hooks.on_step_end(global_step, {**metrics_now, "samples": batch_size_of(batch[0])})
         state.epoch.assign_add(1)
         state.epoch_step.assign(0)
 
         names |= state.epoch_sums.names()  # The same on every rank: all ran the same steps.
         logs = state.epoch_sums.rank_means(sorted(names))
+        if trainer.metrics:  # Over all ranks' examples: the metrics' sums are added up first.
+            sum_variables_over_ranks([v for metric in trainer.metrics for v in metric.variables], "train_metric")
+            logs.update({metric.name: float(metric.result()) for metric in trainer.metrics})
         if evaluate is not None:
             logs.update({f"val_{name}": value for name, value in evaluate(validation.for_epoch()).items()})
         hooks.on_epoch_end(epoch, logs)
         for name, value in logs.items():
             history.history.setdefault(name, []).append(value)
         history.epochs.append(epoch)
-        if agree_any(trainer.stop_training, "stop_training"):
+        if agree_any(trainer.stop_training or bool(trainer.model.stop_training), "stop_training"):
             trainer.stop_training = True
             break
     hooks.on_train_end(logs)

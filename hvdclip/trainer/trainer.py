@@ -65,6 +65,8 @@ class HvdClipTrainer:
             `loss`.
         check_consistency_every: every this many steps, allgather one checksum of the weights and
             raise `RankMismatchError` if ranks have drifted apart; `None` never checks.
+        metrics: Keras metrics to track while training, e.g. `[keras.metrics.SparseCategoricalAccuracy()]`;
+            each epoch `fit` reports each one over all ranks' examples under its name.
 
     Mixed precision: with `keras.mixed_precision.set_global_policy("mixed_float16")` and a
     `keras.optimizers.LossScaleOptimizer`, the step scales the loss, reduces, *unscales*, then
@@ -92,6 +94,7 @@ class HvdClipTrainer:
         compression: str | None = None,
         accumulation_steps: int = 1,
         check_consistency_every: int | None = None,
+        metrics: list[keras.metrics.Metric] | None = None,
     ) -> None:
         if not isinstance(model, keras.Model):
             raise TypeError(f"`model` must be a keras.Model (Keras 3). Received: model={model!r}")
@@ -108,6 +111,7 @@ class HvdClipTrainer:
         if check_consistency_every is not None:
             check_int("check_consistency_every", check_consistency_every, ge=1)
         self._check_every = check_consistency_every
+        self.metrics = check_metrics("metrics", metrics)
         self._calls = 0
         runtime.require_initialized("HvdClipTrainer")
 
@@ -188,35 +192,50 @@ class HvdClipTrainer:
 
     # ------------------------------------------------------------------ the step
 
-    def _loss(self, x: Any, y: Any) -> tf.Tensor:
-        y_pred = self.model(x, training=True)
-        loss = tf.reduce_mean(self.loss_fn(y, y_pred))
+    def compute_loss(self, y: Any, y_pred: Any, sample_weight: Any = None) -> tf.Tensor:
+        """`loss_fn` on a batch (weighted by `sample_weight`, if given), plus the model's own losses.
+
+        A Keras `Loss` applies `sample_weight` itself; for a plain function, the per-example
+        losses are weighted and summed, then divided by the batch size (Keras' default reduction).
+        Shared by training and evaluation.
+        """
+        if sample_weight is None:
+            loss = tf.reduce_mean(self.loss_fn(y, y_pred))
+        elif isinstance(self.loss_fn, keras.losses.Loss):
+            loss = self.loss_fn(y, y_pred, sample_weight=sample_weight)
+        else:
+            per_example = self.loss_fn(y, y_pred)
+            weights = tf.cast(tf.reshape(sample_weight, tf.shape(per_example)), per_example.dtype)
+            loss = tf.reduce_sum(per_example * weights) / tf.cast(tf.size(per_example), per_example.dtype)
         if self.model.losses:
             loss = loss + tf.add_n([tf.cast(extra, loss.dtype) for extra in self.model.losses])
         return loss
 
-    def _local_gradients(self, x: Any, y: Any) -> tuple[tf.Tensor, list]:
+    def _local_gradients(self, x: Any, y: Any, sample_weight: Any) -> tuple[tf.Tensor, list]:
         with tf.GradientTape() as tape:
-            loss = self._loss(x, y)
+            y_pred = self.model(x, training=True)
+            loss = self.compute_loss(y, y_pred, sample_weight)
             scaled_loss = self.clipper.scale_loss(loss)
+        for metric in self.metrics:
+            metric.update_state(y, y_pred, sample_weight=sample_weight)
         return loss, tape.gradient(scaled_loss, as_tf_variables(self.model.trainable_variables))
 
-    def _step(self, x: Any, y: Any) -> dict[str, tf.Tensor]:
+    def _step(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, tf.Tensor]:
         """One optimizer step: local gradient, then the core step."""
-        loss, local = self._local_gradients(x, y)
+        loss, local = self._local_gradients(x, y, sample_weight)
         return {"loss": loss, **self.clipper.step(local, self.model.trainable_variables)}
 
-    def _accumulate(self, x: Any, y: Any) -> dict[str, tf.Tensor]:
+    def _accumulate(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, tf.Tensor]:
         """A micro-batch before the last of an accumulation window: local work only, no collective."""
-        loss, grads = self._local_gradients(x, y)
+        loss, grads = self._local_gradients(x, y, sample_weight)
         for accumulator, grad in zip(self._accumulators, grads):
             if grad is not None:
                 accumulator.assign_add(tf.convert_to_tensor(grad))
         return {"loss": loss}
 
-    def _accumulated_step(self, x: Any, y: Any) -> dict[str, tf.Tensor]:
+    def _accumulated_step(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, tf.Tensor]:
         """The window's last micro-batch: the mean of the k local gradients goes through the core step."""
-        loss, grads = self._local_gradients(x, y)
+        loss, grads = self._local_gradients(x, y, sample_weight)
         k = float(self._accumulation_steps)
         means = [
             None if grad is None else (accumulator + tf.convert_to_tensor(grad)) / tf.cast(k, accumulator.dtype)
@@ -229,24 +248,24 @@ class HvdClipTrainer:
     def _recorded(self, step: Callable) -> Callable:
         """`step`, then `FitState.record_step` (count it, sum its metrics), to compile as one function."""
 
-        def recorded(x: Any, y: Any) -> dict[str, tf.Tensor]:
-            metrics = step(x, y)
+        def recorded(x: Any, y: Any, sample_weight: Any = None) -> dict[str, tf.Tensor]:
+            metrics = step(x, y, sample_weight)
             self.fit_state.record_step(metrics)
             return metrics
 
         return recorded
 
-    def run_step(self, x: Any, y: Any) -> dict[str, tf.Tensor]:
+    def run_step(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, tf.Tensor]:
         """One step (or micro-batch) on this rank's batch, as tensors; what `fit` calls per batch."""
         self.start(x)
         if self._accumulation_steps == 1:
-            metrics = self._compiled["step"](x, y)
+            metrics = self._compiled["step"](x, y, sample_weight)
         else:
             self._micro_step += 1
             if self._micro_step < self._accumulation_steps:
-                return self._compiled["accumulate"](x, y)
+                return self._compiled["accumulate"](x, y, sample_weight)
             self._micro_step = 0
-            metrics = self._compiled["accumulated_step"](x, y)
+            metrics = self._compiled["accumulated_step"](x, y, sample_weight)
         if self._max_consecutive_skips is not None and self.clipper.skip_nonfinite:
             consecutive = int(self.clipper.consecutive_skips.numpy())
             if consecutive >= self._max_consecutive_skips:
@@ -261,16 +280,16 @@ class HvdClipTrainer:
             consistency.check_same_weights(self._compiled_checksum(), self._calls)
         return metrics
 
-    def train_step(self, x: Any, y: Any) -> dict[str, float | bool]:
-        """Runs one step on this rank's batch `(x, y)` and returns its metrics as Python values.
+    def train_step(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, float | bool]:
+        """Runs one step on this rank's batch `(x, y)` (weighted by `sample_weight`) and returns its metrics.
 
         `loss` is this rank's loss; `grad_norm` (before clipping) and `clipped_grad_norm` are
         norms of the reduced gradient, identical on every rank; `clip_active` says the clip stage
         clipped (False on a non-finite gradient); `skipped` says the step was skipped for a
         non-finite gradient.
         """
-        check_batch(x, y)
-        metrics = self.run_step(x, y)
+        check_batch(x, y, sample_weight)
+        metrics = self.run_step(x, y, sample_weight)
         return {name: (bool(value) if value.dtype == tf.bool else float(value)) for name, value in metrics.items()}
 
     # ------------------------------------------------------------------ fit
@@ -301,6 +320,7 @@ class HvdClipTrainer:
         validation_data: tf.data.Dataset | None = None,
         validation_metrics: list[keras.metrics.Metric] | None = None,
         callbacks: list[Any] | None = None,
+        class_weight: dict[int, float] | None = None,
         verbose: int = 1,
     ) -> History:
         """Trains for `epochs` epochs; call it on every rank with the same arguments.
@@ -325,8 +345,12 @@ class HvdClipTrainer:
                 `validation_metrics` entry, exact over all ranks' examples however they split.
             validation_metrics: Keras metrics such as `keras.metrics.SparseCategoricalAccuracy()`,
                 reported as `val_<name>`.
-            callbacks: `hvdclip.Callback` objects, run on every rank (`hvdclip.EarlyStopping`,
-                `hvdclip.TensorBoard`, `hvdclip.CheckpointSaver`, or your own).
+            callbacks: Keras callbacks (`keras.callbacks.EarlyStopping`, `ReduceLROnPlateau`,
+                `CSVLogger`, `LearningRateScheduler`, ...) and `hvdclip.Callback` objects
+                (`hvdclip.TensorBoard`, `hvdclip.CheckpointSaver`, or your own), run on every rank
+                with the same epoch logs; a callback that writes files belongs on rank 0 only.
+            class_weight: `{class index: weight}`: each example's loss is weighted by its class's
+                weight (times its `sample_weight`, if the dataset has one), as in Keras' `fit`.
             verbose: 0 silent, 1 a progress bar, 2 one line per epoch; rank 0 only.
 
         Returns:
@@ -345,6 +369,7 @@ class HvdClipTrainer:
             validation_data=validation_data,
             validation_metrics=validation_metrics,
             callbacks=callbacks,
+            class_weight=class_weight,
             verbose=verbose,
             history=history,
         )

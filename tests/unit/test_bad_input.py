@@ -107,12 +107,15 @@ TRAINER = table(
     ("accumulation_steps", "range", 0, ValueError, r"`accumulation_steps` must be an integer >= 1\. Received: accumulation_steps=0$"),
     ("check_consistency_every", "type", "5", TypeError, r"`check_consistency_every` must be an integer >= 1\. Received: check_consistency_every='5'$"),
     ("check_consistency_every", "range", -1, ValueError, r"`check_consistency_every` must be an integer >= 1\. Received: check_consistency_every=-1$"),
+    ("metrics", "type", ["accuracy"], TypeError, r"`metrics` must be a list of keras.metrics.Metric objects.*Received: metrics=\['accuracy'\]$"),
+    ("metrics", "range", lambda: [keras.metrics.Mean(name="m"), keras.metrics.Mean(name="m")], ValueError,
+     r"`metrics` must have distinct names other than 'loss'\. Received: names \['m', 'm'\]$"),
 )  # fmt: skip
 
 
 FIT = table(
-    ("dataset", "type", [(1, 2)], TypeError, r"`dataset` must be a tf.data.Dataset of \(x, y\) batches\. Received: dataset=\[\(1, 2\)\]$"),
-    ("dataset", "range", X_ONLY, ValueError, r"`dataset` must be a tf.data.Dataset of \(x, y\) batches \(pairs\)\. Received: dataset=<"),
+    ("dataset", "type", [(1, 2)], TypeError, r"`dataset` must be a tf.data.Dataset of \(x, y\) or \(x, y, sample_weight\) batches\. Received: dataset=\[\(1, 2\)\]$"),
+    ("dataset", "range", X_ONLY, ValueError, r"`dataset` must be a tf.data.Dataset of \(x, y\) or \(x, y, sample_weight\) batches\. Received: dataset=<"),
     ("dataset", "range", EMPTY, ValueError, r"`dataset` must not be empty\. Received: dataset=<"),
     ("epochs", "type", "2", TypeError, r"`epochs` must be an integer >= 1\. Received: epochs='2'$"),
     ("epochs", "range", 0, ValueError, r"`epochs` must be an integer >= 1\. Received: epochs=0$"),
@@ -123,12 +126,14 @@ FIT = table(
     ("shuffle_buffer", "type", 2.5, TypeError, r"`shuffle_buffer` must be an integer >= 1\. Received: shuffle_buffer=2\.5$"),
     ("shuffle_buffer", "range", 0, ValueError, r"`shuffle_buffer` must be an integer >= 1\. Received: shuffle_buffer=0$"),
     ("shard", "type", "yes", TypeError, r"`shard` must be True or False\. Received: shard='yes'$"),
-    ("validation_data", "type", [1], TypeError, r"`validation_data` must be a tf.data.Dataset of \(x, y\) batches\. Received: validation_data=\[1\]$"),
+    ("validation_data", "type", [1], TypeError, r"`validation_data` must be a tf.data.Dataset of \(x, y\) or \(x, y, sample_weight\) batches\. Received: validation_data=\[1\]$"),
     ("validation_data", "range", EMPTY, ValueError, r"`validation_data` must not be empty\. Received: validation_data=<"),
     ("validation_metrics", "type", ["mae"], TypeError, r"`validation_metrics` must be a list of keras.metrics.Metric objects.*Received: validation_metrics=\['mae'\]$"),
     ("validation_metrics", "range", lambda: [keras.metrics.Mean(name="loss")], ValueError,
      r"`validation_metrics` must have distinct names other than 'loss'\. Received: names \['loss'\]$"),
-    ("callbacks", "type", "x", TypeError, r"`callbacks` must be a list of hvdclip.Callback objects\. Received: callbacks='x'$"),
+    ("callbacks", "type", "x", TypeError, r"`callbacks` must be a list of Keras callbacks or hvdclip.Callback objects\. Received: callbacks='x'$"),
+    ("class_weight", "type", [1.0], TypeError, r"`class_weight` must be a dict from class index .*Received: class_weight=\[1\.0\]$"),
+    ("class_weight", "range", {0: -2.0}, ValueError, r"`class_weight\[0\]` must be a number >= 0\. Received: class_weight\[0\]=-2\.0$", "class_weight[0]"),
     ("verbose", "type", "1", TypeError, r"`verbose` must be an integer >= 0 and <= 2\. Received: verbose='1'$"),
     ("verbose", "range", 3, ValueError, r"`verbose` must be an integer >= 0 and <= 2\. Received: verbose=3$"),
 )  # fmt: skip
@@ -136,16 +141,18 @@ FIT = table(
 
 TRAIN_STEP = table(
     ("x", "type", "abc", TypeError, r"`x` must be a batch: a numeric tensor or NumPy array .*Received: x='abc'$"),
-    ("x", "range", X[:3], ValueError, r"`x` and `y` must hold the same number of examples .*Received: x with 3 rows, y with 8$"),
+    ("x", "range", X[:3], ValueError, r"`x`, `y` \(and `sample_weight`\) must hold the same number of examples .*Received: x with 3 rows, y with 8 rows$"),
     ("x", "range", X[:0], ValueError, r"`x` must hold at least one example\. Received: x and y with 0 rows$"),
     ("y", "type", None, TypeError, r"`y` must be a batch: .*Received: y=None$"),
-    ("y", "range", Y[:5], ValueError, r"`x` and `y` must hold the same number of examples .*Received: x with 8 rows, y with 5$"),
+    ("y", "range", Y[:5], ValueError, r"`x`, `y` \(and `sample_weight`\) must hold the same number of examples .*Received: x with 8 rows, y with 5 rows$"),
+    ("sample_weight", "type", "w", TypeError, r"`sample_weight` must be a batch: .*Received: sample_weight='w'$"),
+    ("sample_weight", "range", Y[:3, 0], ValueError, r"must hold the same number of examples .*sample_weight with 3 rows$"),
 )  # fmt: skip
 
 
 EVALUATE = table(
-    ("dataset", "type", [1], TypeError, r"`dataset` must be a tf.data.Dataset of \(x, y\) batches\. Received: dataset=\[1\]$"),
-    ("dataset", "range", X_ONLY, ValueError, r"`dataset` must be a tf.data.Dataset of \(x, y\) batches \(pairs\)\. Received: dataset=<"),
+    ("dataset", "type", [1], TypeError, r"`dataset` must be a tf.data.Dataset of \(x, y\) or \(x, y, sample_weight\) batches\. Received: dataset=\[1\]$"),
+    ("dataset", "range", X_ONLY, ValueError, r"`dataset` must be a tf.data.Dataset of \(x, y\) or \(x, y, sample_weight\) batches\. Received: dataset=<"),
     ("metrics", "type", "acc", TypeError, r"`metrics` must be a list of keras.metrics.Metric objects.*Received: metrics='acc'$"),
     ("metrics", "range", lambda: [keras.metrics.Mean(name="m"), keras.metrics.Mean(name="m")], ValueError,
      r"`metrics` must have distinct names other than 'loss'\. Received: names \['m', 'm'\]$"),
@@ -260,16 +267,6 @@ OTHERS = {
         ("warmup_epochs", "range", -1, ValueError, r"`warmup_epochs` must be a number >= 0\. Received: warmup_epochs=-1$"),
         ("size", "type", 2.0, TypeError, r"`size` must be an integer >= 1\. Received: size=2\.0$"),
         ("size", "range", 0, ValueError, r"`size` must be an integer >= 1\. Received: size=0$"),
-    )),
-    hvdclip.EarlyStopping: ({}, table(
-        ("monitor", "type", 3, TypeError, r"`monitor` must be the name of an epoch metric, e.g. 'val_loss'\. Received: monitor=3$"),
-        ("monitor", "range", "", ValueError, r"`monitor` must be the name of an epoch metric, e.g. 'val_loss'\. Received: monitor=''$"),
-        ("min_delta", "type", "0.1", TypeError, r"`min_delta` must be a number\. Received: min_delta='0\.1'$"),
-        ("min_delta", "range", float("nan"), ValueError, r"`min_delta` must be a number\. Received: min_delta=nan$"),
-        ("patience", "type", 1.5, TypeError, r"`patience` must be an integer >= 0\. Received: patience=1\.5$"),
-        ("patience", "range", -1, ValueError, r"`patience` must be an integer >= 0\. Received: patience=-1$"),
-        ("mode", "type", 3, ValueError, r"`mode` must be one of 'auto', 'min', 'max'\. Received: mode=3$"),
-        ("mode", "range", "up", ValueError, r"`mode` must be one of 'auto', 'min', 'max'\. Received: mode='up'$"),
     )),
     hvdclip.ProgressBar: ({}, table(
         ("verbose", "type", True, TypeError, r"`verbose` must be an integer >= 1 and <= 2\. Received: verbose=True$"),
@@ -517,7 +514,7 @@ NO_RANGE = {
 
 SURFACES = {surface: params for surface, (_, params) in {**CONSTRUCTORS, **METHODS, **TRANSFORMS, **DOORS}.items()}
 # HvdClipTrainer methods that the fit loop calls with values it has already checked.
-LOOP_PLUMBING = {"run_step", "start", "start_on", "agreed_steps", "named_state_variables"}
+LOOP_PLUMBING = {"run_step", "start", "start_on", "agreed_steps", "named_state_variables", "compute_loss"}
 KERAS_DOOR = [
     hvdclip.keras.DistributedOptimizer,
     hvdclip.keras.broadcast_initial_state,

@@ -137,36 +137,59 @@ def test_callback_hooks_run_in_order_with_global_steps():
     ]  # fmt: skip
 
 
-def test_early_stopping_stops_when_the_monitored_metric_stalls():
-    stop = hvdclip.EarlyStopping(monitor="loss", patience=1)
+def test_keras_early_stopping_stops_when_the_monitored_metric_stalls():
+    stop = keras.callbacks.EarlyStopping(monitor="loss", patience=1)
     trainer = trainer_for(lr=0.0)  # Nothing changes, so the loss never improves after epoch 0.
     history = trainer.fit(id_dataset(16), epochs=10, batch_size=8, callbacks=[stop], verbose=0)
-    assert history.epochs == [0, 1, 2] and stop.stopped_epoch == 2 and trainer.stop_training
+    # Keras' rule: epoch 0 improves on inf, epoch 1 does not, and patience=1 stops there.
+    assert history.epochs == [0, 1] and stop.stopped_epoch == 1 and trainer.stop_training
 
 
-def test_early_stopping_decisions():
-    stop = hvdclip.EarlyStopping(monitor="val_accuracy", min_delta=0.01, patience=0)
-    assert stop.mode == "max"
-    stop.set_trainer(type("T", (), {"stop_training": False})())
-    stop.on_train_begin()
-    stop.on_epoch_end(0, {"val_accuracy": 0.5})
-    stop.on_epoch_end(1, {"val_accuracy": 0.52})
-    assert not stop.trainer.stop_training
-    stop.on_epoch_end(2, {"val_accuracy": 0.525})  # Better, but by less than min_delta.
-    assert stop.trainer.stop_training and stop.stopped_epoch == 2
+def test_keras_callbacks_see_the_trainers_model_logs_and_learning_rate(tmp_path):
+    seen = []
+    callbacks = [
+        keras.callbacks.LearningRateScheduler(lambda epoch, lr: 0.1 / (epoch + 1)),
+        keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=1e9),
+        keras.callbacks.CSVLogger(str(tmp_path / "log.csv")),
+        keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append((batch, sorted(logs)))),
+    ]
+    trainer = trainer_for()
+    history = trainer.fit(id_dataset(16), epochs=2, batch_size=8, callbacks=callbacks, verbose=0)
+    assert seen == [(0, ["clip_active", "clipped_grad_norm", "grad_norm", "loss", "samples", "skipped"]), (1, seen[0][1])] * 2
+    assert float(trainer.optimizer.learning_rate.numpy()) == pytest.approx(0.05 / 2)  # Scheduled 0.05, then halved.
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,") and "grad_norm" in rows[0] and len(rows) == 3
+    assert history.history["learning_rate"] == [pytest.approx(0.1), pytest.approx(0.05)]  # The rate each epoch ran at.
 
 
-def test_early_stopping_on_a_missing_metric_says_what_exists():
-    with pytest.raises(ValueError, match=r"'val_loss' is not among \['clip_active', .*\(`val_\*` metrics need `validation_data`\)"):
-        trainer_for().fit(id_dataset(16), batch_size=8, callbacks=[hvdclip.EarlyStopping()], verbose=0)
+def test_training_metrics_sample_weights_and_class_weights():
+    x = np.arange(32, dtype="float32").reshape(16, 2) / 32.0
+    labels = (np.arange(16) % 2).astype("int32")
+    weights = np.linspace(0.5, 2.0, 16).astype("float32")
+
+    def run(data, **fit_kwargs):
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+        trainer = hvdclip.HvdClipTrainer(
+            model, keras.optimizers.SGD(0.5), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        )
+        history = trainer.fit(tf.data.Dataset.from_tensor_slices(data), batch_size=8, shard=False, verbose=0, **fit_kwargs)
+        return trainer, history
+
+    plain, history = run((x, labels))
+    assert 0.0 <= history.history["accuracy"][0] <= 1.0
+    weighted, _ = run((x, labels, weights))
+    by_class, _ = run((x, labels), class_weight={0: 1.0, 1: 3.0})
+    same_as_class, _ = run((x, labels, np.where(labels == 1, 3.0, 1.0).astype("float32")))
+    flat = lambda t: np.concatenate([v.numpy().ravel() for v in t.model.variables])  # noqa: E731
+    assert not np.array_equal(flat(plain), flat(weighted)), "sample weights must reach the loss"
+    assert np.array_equal(flat(by_class), flat(same_as_class)), "class_weight is a per-example weight by label"
 
 
 @pytest.mark.parametrize(
     "make, error, pattern",
     [
-        (lambda: hvdclip.EarlyStopping(monitor=3), TypeError, r"`monitor` must be the name of an epoch metric.*Received: monitor=3"),
-        (lambda: hvdclip.EarlyStopping(patience=-1), ValueError, r"`patience` must be an integer >= 0. Received: patience=-1"),
-        (lambda: hvdclip.EarlyStopping(mode="up"), ValueError, r"`mode` must be one of 'auto', 'min', 'max'. Received: mode='up'"),
         (lambda: hvdclip.ProgressBar(verbose=3), ValueError, r"`verbose` must be an integer >= 1 and <= 2. Received: verbose=3"),
         (lambda: hvdclip.TensorBoard(None), TypeError, r"`log_dir` must be a path. Received: log_dir=None"),
         (lambda: hvdclip.TensorBoard("x", every_n_steps=0), ValueError, r"`every_n_steps` must be an integer >= 1"),
@@ -329,11 +352,13 @@ def test_fit_runs_no_eager_op_per_step_but_the_next_batch_and_the_compiled_step(
         ({"shuffle_buffer": 2.5}, TypeError, r"`shuffle_buffer` must be an integer >= 1. Received: shuffle_buffer=2.5"),
         ({"shard": "yes"}, TypeError, r"`shard` must be True or False. Received: shard='yes'"),
         ({"verbose": 3}, ValueError, r"`verbose` must be an integer >= 0 and <= 2. Received: verbose=3"),
-        ({"validation_data": [1]}, TypeError, r"`validation_data` must be a tf.data.Dataset of \(x, y\) batches. Received: validation_data=\[1\]"),
+        ({"validation_data": [1]}, TypeError, r"`validation_data` must be a tf.data.Dataset of \(x, y\) or \(x, y, sample_weight\) batches. Received: validation_data=\[1\]"),
         ({"validation_metrics": ["mae"]}, TypeError, r"`validation_metrics` must be a list of keras.metrics.Metric objects"),
         ({"validation_metrics": [keras.metrics.MeanAbsoluteError()]}, ValueError, r"`validation_metrics` needs `validation_data`"),
-        ({"callbacks": [keras.callbacks.EarlyStopping()]}, TypeError, r"`callbacks` must be a list of hvdclip.Callback.*Received: callbacks\[0\]="),
-        ({"callbacks": hvdclip.EarlyStopping()}, TypeError, r"`callbacks` must be a list of hvdclip.Callback objects. Received: callbacks=<"),
+        ({"callbacks": [print]}, TypeError, r"`callbacks` must be a list of Keras callbacks or hvdclip.Callback objects. Received: callbacks\[0\]="),
+        ({"callbacks": keras.callbacks.EarlyStopping()}, TypeError, r"`callbacks` must be a list of Keras callbacks .*Received: callbacks=<"),
+        ({"class_weight": [1.0, 2.0]}, TypeError, r"`class_weight` must be a dict from class index .*Received: class_weight=\[1\.0, 2\.0\]"),
+        ({"class_weight": {0: -1.0}}, ValueError, r"`class_weight\[0\]` must be a number >= 0\. Received: class_weight\[0\]=-1\.0"),
     ],
 )
 def test_fit_rejects_bad_arguments_before_any_step(kwargs, error, pattern):

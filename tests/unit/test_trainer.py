@@ -176,7 +176,7 @@ def test_constructor_rejects_bad_arguments(kwargs, error, pattern):
 @pytest.mark.parametrize(
     "dataset, kwargs, error, pattern",
     [
-        ([(1, 2)], {}, TypeError, r"`dataset` must be a tf.data.Dataset of \(x, y\) batches. Received: dataset=\[\(1, 2\)\]"),
+        ([(1, 2)], {}, TypeError, r"`dataset` must be a tf.data.Dataset of \(x, y\) or \(x, y, sample_weight\) batches. Received: dataset=\[\(1, 2\)\]"),
         (None, {"epochs": 0}, ValueError, r"`epochs` must be an integer >= 1. Received: epochs=0"),
         (None, {"epochs": 1.5}, TypeError, r"`epochs` must be an integer >= 1. Received: epochs=1.5"),
         (None, {"steps_per_epoch": -3}, ValueError, r"`steps_per_epoch` must be an integer >= 1. Received: steps_per_epoch=-3"),
