@@ -13,7 +13,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo bench soak test test-unit test-parallel test-launch clean lint-docker docker-gpu docker-cpu
+.PHONY: install demo bench soak test test-lint test-unit test-parallel test-examples test-launch clean lint-docker docker-gpu docker-cpu
 
 install: $(STAMP)
 
@@ -34,10 +34,19 @@ demo: install
 bench: install
 	$(PY) -m benchmarks
 
-test: install lint-docker test-unit test-parallel test-launch
+test: install lint-docker test-lint test-unit test-parallel test-examples test-launch
 
+# Repository checks: no shell strings, Dockerfiles and versions.env agree.
+test-lint: install
+	$(PY) -m pytest -q tests/lint
+
+# Single process, fast.
 test-unit: install
 	$(PY) -m pytest -q tests/unit
+
+# Each example as documented, as a real 2-rank job.
+test-examples: install
+	timeout 900 $(PY) -m pytest -q -p no:cacheprovider tests/examples
 
 # The same multi-rank tests under both launchers: Gloo via horovodrun, and Open MPI's mpirun.
 test-parallel: install

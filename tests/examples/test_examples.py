@@ -1,6 +1,6 @@
 """The examples run as documented, on 2 real ranks (`hvdclip-run -np 2 --gloo`), and reach their stated numbers.
 
-Each test launches one short 2-rank job from this single process (about 30-45 s each on 2 cores).
+Each test launches one short 2-rank job from this single process (about 30-70 s each on 2 cores).
 """
 
 import os
@@ -43,3 +43,21 @@ def test_recsys_py_learns_from_sparse_gradients():
     assert found, "\n".join(lines)
     auc, best = float(found.group(1)), float(found.group(2))
     assert 0.68 <= auc <= best, "\n".join(lines)
+
+
+def test_seed_loop_py_trains_identical_ranks_with_the_clip_active():
+    out = run_example("seed_loop.py")
+    lines = rank_lines(out, 0)
+    epochs = [re.search(r"^epoch (\d): loss ([\d.]+), clipped (\d+) of (\d+) steps", line) for line in lines]
+    epochs = [found for found in epochs if found]
+    assert len(epochs) == 3 and float(epochs[-1].group(2)) < float(epochs[0].group(2)) / 10, "\n".join(lines)
+    assert int(epochs[0].group(3)) == int(epochs[0].group(4)) > 0, "the seed's targets are large: the clip bites from the start"
+    digests = {re.search(r"rank (\d): weights (\w+)", line).groups() for r in (0, 1) for line in rank_lines(out, r) if "weights" in line}
+    assert len(digests) == 2 and len({digest for _, digest in digests}) == 1, digests
+
+
+def test_keras_fit_py_reaches_its_stated_accuracy():
+    lines = rank_lines(run_example("keras_fit.py"), 0)
+    found = re.search(r"test accuracy (\d\.\d+) on 357 held-out digits \(2 ranks\)", "\n".join(lines))
+    assert found and float(found.group(1)) >= 0.96, "\n".join(lines)
+    assert re.search(r"grad_norm [\d.]+, clip_rate [\d.]+", "\n".join(lines)), "\n".join(lines)
