@@ -6,6 +6,9 @@ loops differ only in what the comparison is about:
 
 * `HvdClipLoop`: `HvdClipTrainer.fit`, the public path (allreduce -> clip -> apply, plus the
   per-step metrics and counters that `fit` keeps).
+* `OwnLoopDoor`: a user's own `tf.function` step with `hvdclip.DistributedGradientTape`; with
+  `groups=0`, one allreduce per gradient left to Horovod's fusion buffer instead of one group.
+* `KerasFitDoor`: `model.compile(hvdclip.keras.DistributedOptimizer(...))` and Keras' `fit`.
 * `HandWrittenLoop`: the minimal correct Horovod loop a user could write instead.
 * `SeedLoop`: the forum answer's pattern, each tensor clipped by its own norm and every variable
   re-broadcast from rank 0 after every step.
@@ -22,7 +25,7 @@ import tensorflow as tf
 import hvdclip
 from benchmarks.models import ModelSpec, dataset_for
 
-__all__ = ["CLIP_NORM", "HandWrittenLoop", "HvdClipLoop", "MirroredLoop", "SeedLoop"]
+__all__ = ["CLIP_NORM", "HandWrittenLoop", "HvdClipLoop", "KerasFitDoor", "MirroredLoop", "OwnLoopDoor", "SeedLoop"]
 
 CLIP_NORM = 1.0
 LEARNING_RATE = 1e-3
@@ -53,6 +56,57 @@ class HvdClipLoop:
     def run(self, steps: int) -> None:
         # Each rank's dataset is already its own (shard=False); no progress bar to draw (verbose=0).
         self.trainer.fit(self.dataset, epochs=1, steps_per_epoch=steps, shard=False, verbose=0)
+
+
+class OwnLoopDoor:
+    """Door 1 as a user writes it: their step, `hvdclip.DistributedGradientTape`, `tape.apply_gradients`."""
+
+    def __init__(self, spec: ModelSpec, batch_size: int, seed: int, groups: int = 1):
+        self.model = spec.build()
+        self.clipper = hvdclip.Clipper(keras.optimizers.Adam(LEARNING_RATE), hvdclip.clip_by_global_norm(CLIP_NORM), groups=groups)
+        self.loss_fn = _loss_fn()
+        self.dataset = dataset_for(spec, batch_size, seed)
+        self.step = tf.function(self._step)
+        self.started = False
+
+    def _step(self, x, y) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            loss = self.loss_fn(y, self.model(x, training=True))
+        tape = hvdclip.DistributedGradientTape(tape, self.clipper)
+        grads = tape.gradient(loss, self.model.trainable_variables)
+        tape.apply_gradients(zip(grads, self.model.trainable_variables))
+        return loss
+
+    def run(self, steps: int) -> None:
+        if not self.started:
+            self.clipper.broadcast_initial_state(self.model)
+            self.started = True
+        loss = None
+        for x, y in self.dataset.take(steps):
+            loss = self.step(x, y)
+        float(loss)  # wait for the last step
+
+
+class KerasFitDoor:
+    """Door 2 as a user writes it: `compile` with hvdclip's optimizer wrapper, then Keras' `fit`."""
+
+    def __init__(self, spec: ModelSpec, batch_size: int, seed: int):
+        import hvdclip.keras
+
+        self.model = spec.build()
+        self.model.compile(
+            optimizer=hvdclip.keras.DistributedOptimizer(
+                keras.optimizers.Adam(LEARNING_RATE), clip=hvdclip.clip_by_global_norm(CLIP_NORM)
+            ),
+            loss=_loss_fn(),
+            jit_compile=False,
+        )
+        self.dataset = dataset_for(spec, batch_size, seed)
+        self.callbacks = [hvdclip.keras.callbacks.BroadcastGlobalVariablesCallback(0)]
+
+    def run(self, steps: int) -> None:
+        # fit returns after its last step's logs are read back, so no extra wait is needed.
+        self.model.fit(self.dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=self.callbacks)
 
 
 class _HorovodLoop:

@@ -47,7 +47,10 @@ def _row(variant: str, model: str, jobs: Sequence[Mapping[str, Any]]) -> dict[st
 
 
 def _target(target: Target, ratios: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
-    by_model = ratios.get(target.variant, {})
+    by_model = dict(ratios.get(target.variant, {}))
+    if target.versus is not None:  # t(versus) / t(variant), from both variants' ratios to the baseline.
+        versus = ratios.get(target.versus, {})
+        by_model = {model: versus[model] / ratio for model, ratio in by_model.items() if model in versus and ratio}
     measured = by_model.get(target.model)
     return {
         "goal": target.goal,
@@ -81,7 +84,11 @@ def summarize(jobs: Sequence[Mapping[str, Any]], models: Sequence[str]) -> dict[
         if row["ratio"] is not None:
             ratios.setdefault(row["variant"], {})[row["model"]] = row["ratio"]
     ready = {v: statistics.median(max(r["launch_to_ready_s"] for r in job["ranks"]) for job in by_variant[v]) for v in variants}
-    targets = [_target(t, ratios) for t in TARGETS if t.variant in by_variant and BASELINE in by_variant]
+    targets = [
+        _target(t, ratios)
+        for t in TARGETS
+        if t.variant in by_variant and BASELINE in by_variant and (t.versus is None or t.versus in by_variant)
+    ]
     return {"variants": variants, "models": list(models), "rows": rows, "launch_to_ready_s": ready, "targets": targets}
 
 
