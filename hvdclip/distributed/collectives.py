@@ -19,10 +19,23 @@ __all__ = ["broadcast_from_root", "agree_any", "agree_min", "sum_over_ranks", "s
 
 
 def broadcast_from_root(variables: Sequence, root_rank: int = 0) -> None:
-    """Overwrites `variables` (Keras 3 or `tf.Variable`s) on every rank with rank `root_rank`'s values."""
+    """Overwrites `variables` (Keras 3 or `tf.Variable`s) on every rank with rank `root_rank`'s values.
+
+    One compiled group of broadcasts named by position. `hvd.broadcast_variables` names each
+    broadcast after its variable, and Keras numbers auto-named layers per process (`dense_9` on
+    one rank, `dense_10` on a rank that built one more layer elsewhere), so with Horovod's names
+    ranks would wait forever for each other; the structure check before the broadcast makes
+    positions agree.
+    """
     variables = as_tf_variables(variables)
-    if variables:
-        hvd.broadcast_variables(variables, root_rank=root_rank)
+    if variables and hvd.size() > 1:
+        _broadcast_group(variables, root_rank)
+
+
+@tf.function(autograph=False)
+def _broadcast_group(variables: list, root_rank: int) -> None:
+    for position, variable in enumerate(variables):
+        variable.assign(hvd.broadcast(variable, root_rank, name=f"hvdclip_broadcast_{position}", ignore_name_scope=True))
 
 
 def agree_any(flag: bool, name: str) -> bool:

@@ -209,3 +209,19 @@ def test_trainer_door_equals_the_own_loop_door_bit_for_bit(world, data):
     same = checksum(trainer.model.variables).tolist() == checksum(model.variables).tolist()
     flags = allgather(np.array([int(same)]))
     assert flags.all(), "HvdClipTrainer and the own-loop door run one core step, so they must agree exactly"
+
+
+def test_the_start_up_broadcast_does_not_depend_on_keras_layer_numbering(world):
+    """Rank 1 builds one more layer first, so Keras names its model's variables differently."""
+    rank, _ = world
+    if rank == 1:
+        keras.layers.Dense(1)  # Takes the next auto-name: this rank's model gets other layer numbers.
+    model = make_mlp(seed=10 + rank)  # Different weights too: the broadcast must make them equal.
+    names = allgather(np.frombuffer(("|".join(v.path for v in model.variables)).encode().ljust(512)[:512], np.uint8))
+    clipper = hvdclip.Clipper(keras.optimizers.SGD(0.1))
+    clipper.broadcast_initial_state(model)
+    sums = allgather(checksum(model.variables))
+    if rank == 0:
+        keras.layers.Dense(1)  # Numbering agrees again for the tests that follow (their own collectives use names).
+    assert not (names == names[0]).all(), "the ranks' variable names should differ for this test to mean anything"
+    assert (sums == sums[0]).all()
