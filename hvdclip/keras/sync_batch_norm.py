@@ -117,6 +117,6 @@ def sync_batch_norm(model: keras.Model) -> keras.Model:
             "inside a custom layer or a subclassed model; create them as hvdclip.SyncBatchNormalization "
             f"there instead. Received: model={model.name!r}"
         )
-    if model.built and clone.built:
+    if model.built:
         clone.set_weights(model.get_weights())
     return clone
