@@ -13,7 +13,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo bench soak test test-lint test-unit test-parallel test-examples test-launch clean lint-docker docker-gpu docker-cpu
+.PHONY: install demo bench bench-syncbn soak test test-lint test-unit test-parallel test-examples test-launch clean lint-docker docker-gpu docker-cpu
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ demo: install
 # hvdclip side by side with the alternatives (about 15 minutes on 2 cores); writes benchmarks/results/.
 bench: install
 	$(PY) -m benchmarks
+
+# SyncBatchNormalization vs BatchNormalization on a small CNN, 2 ranks side by side (about 2 minutes);
+# writes benchmarks/results/sync_batch_norm.json.
+bench-syncbn: install
+	timeout 900 $(BIN)/hvdclip-run -np 2 --gloo -- $(PY) -m benchmarks.sync_batch_norm
 
 test: install lint-docker test-lint test-unit test-parallel test-examples test-launch
 

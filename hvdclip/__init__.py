@@ -33,6 +33,8 @@ _EXPORTS = {
     "Callback": "hvdclip.trainer.callbacks",
     "ProgressBar": "hvdclip.trainer.callbacks",
     "TensorBoard": "hvdclip.trainer.tensorboard",
+    "SyncBatchNormalization": "hvdclip.keras.sync_batch_norm",
+    "sync_batch_norm": "hvdclip.keras.sync_batch_norm",
     "CheckpointSaver": "hvdclip.trainer.checkpoint",
     "ScaledWarmup": "hvdclip.keras.schedules",
     "CheckpointError": "hvdclip.errors",
