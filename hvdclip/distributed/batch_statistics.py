@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
-__all__ = ["global_moments", "sum_over_ranks"]
+__all__ = ["global_moments", "differentiable_sum_over_ranks"]
 
 _NAME = "hvdclip_batch_statistics"
 # Traced graph -> how many statistics collectives it holds so far. Every rank traces the same
@@ -47,7 +47,7 @@ def _collective_name() -> str:
     return f"{_NAME}_{count}"
 
 
-def sum_over_ranks(tensors: Sequence[tf.Tensor], name: str) -> list[tf.Tensor]:
+def differentiable_sum_over_ranks(tensors: Sequence[tf.Tensor], name: str) -> list[tf.Tensor]:
     """Sums each tensor over ranks in one grouped allreduce; its gradient is the same collective.
 
     Every rank must call it with tensors of the same shapes and dtypes, under the same `name`.
@@ -120,7 +120,7 @@ def global_moments(
         weights = tf.broadcast_to(tf.cast(weights, x.dtype), tf.shape(x))
     count, mean, squares = _local_statistics(x, axes, weights)
     count, mean, squares = (tf.cast(t, tf.float64) for t in (count, mean, squares))
-    total_count, total, total_squares = sum_over_ranks(
+    total_count, total, total_squares = differentiable_sum_over_ranks(
         [count, count * mean, squares + count * tf.square(mean)], name=_collective_name()
     )
     global_mean = tf.math.divide_no_nan(total, total_count)

@@ -257,7 +257,16 @@ def test_transforms(factory, case):
 
 # ------------------------------------------------------------------- schedules and callbacks
 
+class _Subclassed(keras.Model):
+    def call(self, x):
+        return x
+
+
 OTHERS = {
+    hvdclip.sync_batch_norm: ({"model": make_mlp(seed=1)}, table(
+        ("model", "type", lambda: keras.layers.Dense(3), TypeError, r"`model` must be a keras.Model \(Keras 3\)\. Received: model="),
+        ("model", "range", lambda: _Subclassed(), ValueError, r"`model` is a subclassed keras.Model .*Received: model="),
+    )),
     hvdclip.ScaledWarmup: ({"base_lr": 0.1, "steps_per_epoch": 10}, table(
         ("base_lr", "type", "fast", TypeError, r"`base_lr` must be a number > 0\. Received: base_lr='fast'$"),
         ("base_lr", "range", 0, ValueError, r"`base_lr` must be a number > 0\. Received: base_lr=0$"),
@@ -501,6 +510,7 @@ NOT_SWEPT = {
     "TransformResult": "a NamedTuple `update` returns; checked by apply_transform (test_clip_report.py, test_clipping.py)",
     "ClipReport": "a NamedTuple a transform returns; checked where it is used (test_clip_report.py)",
     "History": "what fit returns, not built by users",
+    "SyncBatchNormalization": "a Keras layer; its arguments are BatchNormalization's, checked by Keras",
     "Callback": "a base class without arguments; fit calls its hooks",
     **{name: "an exception: its argument is the message" for name in hvdclip.__all__ if name.endswith("Error")},
 }
