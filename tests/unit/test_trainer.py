@@ -151,42 +151,7 @@ def test_fit_runs_the_agreed_steps_and_averages_metrics_per_epoch():
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize(
-    "kwargs, error, pattern",
-    [
-        ({"model": "not a model"}, TypeError, r"`model` must be a keras.Model \(Keras 3\). Received: model='not a model'"),
-        ({"optimizer": object()}, TypeError, r"`optimizer` must be a Keras 3 optimizer"),
-        ({"optimizer": keras.optimizers.Adam(clipnorm=1.0)}, ValueError, r"clipnorm=1.0.*clip=hvdclip.clip_by_global_norm"),
-        ({"optimizer": keras.optimizers.SGD(global_clipnorm=2.0)}, ValueError, r"global_clipnorm=2.0"),
-        ({"loss_fn": 3}, TypeError, r"`loss_fn` must be callable. Received: loss_fn=3"),
-        ({"clip": 1.0}, TypeError, r"`clip` must be a GradientTransform.*Received: clip=1.0"),
-        ({"skip_nonfinite": "yes"}, TypeError, r"`skip_nonfinite` must be True or False. Received: skip_nonfinite='yes'"),
-        ({"max_consecutive_skips": 0}, ValueError, r"`max_consecutive_skips` must be an integer >= 1. Received: max_consecutive_skips=0"),
-        ({"sparse_as_dense": 1}, TypeError, r"`sparse_as_dense` must be True or False"),
-        ({"compression": "gzip"}, ValueError, r"`compression` must be one of \['fp16', 'none'\] or None. Received: compression='gzip'"),
-    ],
-)
-def test_constructor_rejects_bad_arguments(kwargs, error, pattern):
-    args = {"model": make_mlp(seed=1), "optimizer": keras.optimizers.Adam(), "loss_fn": mse()}
-    args.update(kwargs)
-    with pytest.raises(error, match=pattern):
-        hvdclip.HvdClipTrainer(**args)
-
-
-@pytest.mark.parametrize(
-    "dataset, kwargs, error, pattern",
-    [
-        ([(1, 2)], {}, TypeError, r"`dataset` must be a tf.data.Dataset of \(x, y\) or \(x, y, sample_weight\) batches. Received: dataset=\[\(1, 2\)\]"),
-        (None, {"epochs": 0}, ValueError, r"`epochs` must be an integer >= 1. Received: epochs=0"),
-        (None, {"epochs": 1.5}, TypeError, r"`epochs` must be an integer >= 1. Received: epochs=1.5"),
-        (None, {"steps_per_epoch": -3}, ValueError, r"`steps_per_epoch` must be an integer >= 1. Received: steps_per_epoch=-3"),
-    ],
-)
-def test_fit_rejects_bad_arguments(dataset, kwargs, error, pattern):
-    if dataset is None:
-        dataset = tf.data.Dataset.from_tensor_slices(make_data(seed=0, n=8)).batch(4)
-    with pytest.raises(error, match=pattern):
-        trainer_for().fit(dataset, **kwargs)
+# Bad arguments of the constructor and of fit: tests/unit/test_bad_input.py, one table per surface.
 
 
 def test_fit_needs_steps_per_epoch_for_an_infinite_dataset():
