@@ -23,6 +23,7 @@ import tensorflow as tf
 from hvdclip import runtime
 from hvdclip.callbacks import CallbackList, ProgressBar
 from hvdclip.data import InputPlan, batch_size_of
+from hvdclip.distributed.watchdog import default_watchdog
 from hvdclip.evaluation import Evaluator, check_metrics
 from hvdclip.validation import check_int
 
@@ -71,7 +72,8 @@ def fit(
     user_callbacks = CallbackList.checked(callbacks)
     verbose = check_int("verbose", verbose, ge=0, le=2)
 
-    steps = trainer._agreed_steps(plan.for_epoch(), steps_per_epoch)
+    with default_watchdog().section("agreeing on the steps per epoch"):
+        steps = trainer._agreed_steps(plan.for_epoch(), steps_per_epoch)
     if rank == 0:
         plan.warn_if_uneven()
     trainer._start_on(plan)
@@ -106,14 +108,17 @@ def fit(
         state.epoch_step.assign(0)
 
         names |= state.epoch_sums.names()  # The same on every rank: all ran the same steps.
-        logs = state.epoch_sums.rank_means(sorted(names))
+        with default_watchdog().section(f"epoch {epoch}'s metric means"):
+            logs = state.epoch_sums.rank_means(sorted(names))
         if evaluate is not None:
             logs.update({f"val_{name}": value for name, value in evaluate(validation.for_epoch()).items()})
         hooks.on_epoch_end(epoch, logs)
         for name, value in logs.items():
             history.history.setdefault(name, []).append(value)
         history.epochs.append(epoch)
-        if _agree_to_stop(trainer.stop_training):
+        with default_watchdog().section(f"epoch {epoch}'s stop vote"):
+            stop = _agree_to_stop(trainer.stop_training)
+        if stop:
             trainer.stop_training = True
             break
     hooks.on_train_end(logs)

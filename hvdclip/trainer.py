@@ -24,6 +24,7 @@ import tensorflow as tf
 from hvdclip import consistency, horovod_bridge, runtime
 from hvdclip.checkpoint import read as read_checkpoint
 from hvdclip.data import InputPlan, check_batch
+from hvdclip.distributed.watchdog import default_watchdog
 from hvdclip.errors import CheckpointError, NonFiniteGradientError
 from hvdclip.evaluation import Evaluator, check_metrics
 from hvdclip.fit_state import FitState
@@ -230,9 +231,10 @@ class HvdClipTrainer:
         if self._started:
             return
         self._build(x)
-        # A structure mismatch would make the broadcast hang or silently mis-assign: check first.
-        consistency.check_same_structure(self._named_state_variables())
-        horovod_bridge.broadcast_from_root(self._state_variables())
+        with default_watchdog().section("the start-up structure check and broadcast"):
+            # A structure mismatch would make the broadcast hang or silently mis-assign: check first.
+            consistency.check_same_structure(self._named_state_variables())
+            horovod_bridge.broadcast_from_root(self._state_variables())
         self._broadcast_count += 1
         self._started = True
 
@@ -377,14 +379,15 @@ class HvdClipTrainer:
         self._start(x)
         compiled = (self._compiled_step, self._compiled_accumulate, self._compiled_accumulated_step)
         step, accumulate, accumulated_step = self._recorded if record else compiled
-        if self._accumulation_steps == 1:
-            metrics = step(x, y)
-        else:
-            self._micro_step += 1
-            if self._micro_step < self._accumulation_steps:
-                return accumulate(x, y)
-            self._micro_step = 0
-            metrics = accumulated_step(x, y)
+        with default_watchdog().section(f"step {self._calls + 1}"):  # A lost peer ends the rank, not hangs it.
+            if self._accumulation_steps == 1:
+                metrics = step(x, y)
+            else:
+                self._micro_step += 1
+                if self._micro_step < self._accumulation_steps:
+                    return accumulate(x, y)
+                self._micro_step = 0
+                metrics = accumulated_step(x, y)
         if self._max_consecutive_skips is not None and self._skip_nonfinite:
             consecutive = int(self._consecutive_skips.numpy())
             if consecutive >= self._max_consecutive_skips:
