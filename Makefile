@@ -13,7 +13,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo bench soak test test-unit test-parallel test-launch clean lint-docker docker-gpu docker-cpu
+.PHONY: install demo bench bench-cluster soak test test-unit test-parallel test-launch test-cluster clean lint-docker docker-gpu docker-cpu
 
 install: $(STAMP)
 
@@ -34,7 +34,7 @@ demo: install
 bench: install
 	$(PY) -m benchmarks
 
-test: install lint-docker test-unit test-parallel test-launch
+test: install lint-docker test-unit test-parallel test-launch test-cluster
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
@@ -55,6 +55,20 @@ soak: install
 test-launch: install
 	$(if $(ROOT_FLAG),bash tests/launcher/install_slurm.sh)
 	HVDCLIP_REQUIRE_SLURM=$(if $(ROOT_FLAG),1,0) timeout 900 $(PY) -m pytest -q -p no:cacheprovider tests/launcher
+
+# 2 hosts x 2 slots on this machine: network namespaces on a bridge, each host with its own sshd
+# (tests/cluster/cluster.py). Both backends: results equal one process, checkpoints resume exactly,
+# a lost host and a cut link end every process in bounded time. Needs root (CI, containers): there
+# the tools are installed and the tests must pass; otherwise they are skipped.
+test-cluster: install
+	$(if $(ROOT_FLAG),bash tests/cluster/install_cluster_tools.sh)
+	HVDCLIP_REQUIRE_CLUSTER=$(if $(ROOT_FLAG),1,0) timeout 1800 $(PY) -m pytest -q -p no:cacheprovider tests/cluster
+
+# Allreduce bandwidth and step time across 2 hosts on links shaped to 1 and 10 Gbit/s (root only;
+# about 10 minutes); writes benchmarks/results/cluster.md, the table in docs/multi-node.md.
+bench-cluster: install
+	bash tests/cluster/install_cluster_tools.sh
+	timeout 3000 $(PY) -m benchmarks.cluster
 
 clean:
 	rm -rf $(VENV) build *.egg-info
