@@ -10,6 +10,10 @@ each host's egress) measures, side by side in one run:
 * the lower bound max(compute, 2(N-1)/N x gradient bytes / link rate), where compute is the step
   time of the same model on 1 rank alone.
 
+The three loops run in interleaved rounds (hvdclip, hand-written, fp16, then again), each job
+timing `windows` windows of `steps` steps; a step time is the median over all of a loop's windows,
+so a burst of load from elsewhere on the machine lands on every loop alike.
+
 Writes benchmarks/results/cluster.json and cluster.md (the table in docs/multi-node.md).
 """
 
@@ -18,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -38,23 +42,24 @@ RESULTS = REPO / "benchmarks" / "results"
 
 def _job(cluster: Cluster, ranks: str, argv: list[str], timeout_s: float = 900) -> None:
     np_ = str(sum(int(h.split(":")[1]) for h in ranks.split(",")))
-    command = [HVDCLIP_RUN, "-np", np_, "-H", ranks, "--gloo", *cluster.ssh_flags(), "--", PYTHON, *argv]
+    flags = cluster.ssh_flags(interface="," in ranks)
+    command = [HVDCLIP_RUN, "-np", np_, "-H", ranks, "--gloo", *flags, "--", PYTHON, *argv]
     print("+", shlex.join(command), file=sys.stderr, flush=True)
     result = cluster.run("h1", command, timeout=timeout_s, cwd=REPO)
     if result.returncode != 0:
         raise SystemExit(f"benchmark job failed ({result.returncode}):\n{result.stderr[-4000:]}")
 
 
-def _step_time(cluster: Cluster, ranks: str, loop: str, steps: int, batch: int) -> tuple[float, int]:
-    """(median step seconds, parameter count) of `loop` on the model, from rank 0's record."""
+def _step_times(cluster: Cluster, ranks: str, loop: str, steps: int, batch: int, windows: int) -> tuple[list[float], int]:
+    """(step seconds of each timed window, parameter count) of `loop` on the model, from rank 0's record."""
     with tempfile.TemporaryDirectory() as out:
         _job(cluster, ranks, [
-            "-m", "benchmarks.worker", "--loop", loop, "--model", f"{MODEL}:{steps}", "--warmup", "5",
+            "-m", "benchmarks.worker", "--loop", loop, *(["--model", f"{MODEL}:{steps}"] * windows), "--warmup", "5",
             "--batch-size", str(batch), "--intra-op-threads", "1", "--inter-op-threads", "1",
             "--launched-at", str(time.time()), "--out", out,
         ])  # fmt: skip
-        record = json.loads((Path(out) / "rank0.json").read_text())["models"][0]
-        return record["step_s"], record["params"]
+        records = json.loads((Path(out) / "rank0.json").read_text())["models"]
+        return [record["step_s"] for record in records], records[0]["params"]
 
 
 def _bus_bandwidth(cluster: Cluster, mb: float, iters: int) -> float:
@@ -65,16 +70,21 @@ def _bus_bandwidth(cluster: Cluster, mb: float, iters: int) -> float:
     return record["bytes"] * 8 * 2 * (n - 1) / n / record["seconds"]  # bits per second
 
 
-def run(steps: int, batch: int, mb: float, iters: int) -> dict:
-    results: dict = {"model": MODEL, "batch_per_rank": batch, "steps": steps, "rates": {}}
+def run(steps: int, batch: int, mb: float, iters: int, rounds: int, windows: int) -> dict:
+    results: dict = {"model": MODEL, "batch_per_rank": batch, "steps": steps, "rounds": rounds, "windows": windows,
+                     "rates": {}}  # fmt: skip
     with Cluster(2) as cluster:
-        results["compute_s"], results["params"] = _step_time(cluster, "h1:1", "hvdclip", steps, batch)
+        compute, results["params"] = _step_times(cluster, "h1:1", "hvdclip", steps, batch, windows)
+        results["compute_s"] = statistics.median(compute)
         for name, rate in RATES.items():
             for host in cluster.hosts:
                 cluster.limit_rate(host, name)
-            row = {"busbw_bps": _bus_bandwidth(cluster, mb, iters)}
+            row: dict = {"busbw_bps": _bus_bandwidth(cluster, mb, iters), "windows": {loop: [] for loop in LOOPS}}
+            for _ in range(rounds):
+                for loop in LOOPS:
+                    row["windows"][loop] += _step_times(cluster, "h1:1,h2:1", loop, steps, batch, windows)[0]
             for loop in LOOPS:
-                row[loop] = _step_time(cluster, "h1:1,h2:1", loop, steps, batch)[0]
+                row[loop] = statistics.median(row["windows"][loop])
             comm = 2 * (2 - 1) / 2 * results["params"] * 4 * 8 / rate
             row["bound_s"] = max(results["compute_s"], comm)
             results["rates"][name] = row
@@ -97,7 +107,8 @@ def table(results: dict) -> str:
         )
     lines.append(f"\nCompute alone (1 rank, no communication): {1e3 * results['compute_s']:.1f} ms per step; "
                  f"model {results['model']} ({results['params']:,} parameters, {results['params'] * 4 / 1e6:.1f} MB of "
-                 f"float32 gradient), batch {results['batch_per_rank']} per rank, {results['steps']} timed steps.")  # fmt: skip
+                 f"float32 gradient), batch {results['batch_per_rank']} per rank; each step time is the median of "
+                 f"{results['rounds']} interleaved rounds x {results['windows']} windows of {results['steps']} steps.")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -107,12 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--mb", type=float, default=64)
     parser.add_argument("--iters", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--windows", type=int, default=2)
     args = parser.parse_args(argv)
     reason = require_root_tools()
     if reason:
         print(f"benchmarks.cluster: cannot build the cluster: {reason}", file=sys.stderr)
         return 2
-    results = run(args.steps, args.batch_size, args.mb, args.iters)
+    results = run(args.steps, args.batch_size, args.mb, args.iters, args.rounds, args.windows)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cluster.json").write_text(json.dumps(results, indent=1))
     (RESULTS / "cluster.md").write_text(table(results))

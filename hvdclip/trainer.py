@@ -379,7 +379,8 @@ class HvdClipTrainer:
         self._start(x)
         compiled = (self._compiled_step, self._compiled_accumulate, self._compiled_accumulated_step)
         step, accumulate, accumulated_step = self._recorded if record else compiled
-        with default_watchdog().section(f"step {self._calls + 1}"):  # A lost peer ends the rank, not hangs it.
+        # A lost peer ends the rank instead of hanging it; the first step also traces and compiles.
+        with default_watchdog().section(f"step {self._calls + 1}", compiling=self._calls == 0):
             if self._accumulation_steps == 1:
                 metrics = step(x, y)
             else:

@@ -31,12 +31,16 @@ import time
 from collections.abc import Mapping
 from typing import ContextManager, TextIO
 
-__all__ = ["DEFAULT_TIMEOUT_S", "ENV_VAR", "EXIT_CODE", "Watchdog", "default_watchdog", "timeout_from_env"]
+__all__ = [
+    "COMPILE_FACTOR", "DEFAULT_TIMEOUT_S", "ENV_VAR", "EXIT_CODE", "Watchdog", "default_watchdog", "timeout_from_env",
+]  # fmt: skip
 
 ENV_VAR = "HVDCLIP_STEP_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 # EX_TEMPFAIL: the job may well succeed when restarted from its last checkpoint.
 EXIT_CODE = 75
+# A section that traces and compiles (a process's first step) may take this many times the bound.
+COMPILE_FACTOR = 10
 _OFF = ("off", "0", "none")
 _RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 _DISARMED = contextlib.nullcontext()
@@ -66,13 +70,13 @@ def timeout_from_env(environ: Mapping[str, str] | None = None) -> float | None:
 class _Section:
     """One armed section; `__exit__` disarms it whether the body returned or raised."""
 
-    __slots__ = ("_watchdog", "_name", "_timeout_s", "_token")
+    __slots__ = ("_watchdog", "_name", "_timeout_s", "_source", "_token")
 
-    def __init__(self, watchdog: Watchdog, name: str, timeout_s: float) -> None:
-        self._watchdog, self._name, self._timeout_s = watchdog, name, timeout_s
+    def __init__(self, watchdog: Watchdog, name: str, timeout_s: float, source: str) -> None:
+        self._watchdog, self._name, self._timeout_s, self._source = watchdog, name, timeout_s, source
 
     def __enter__(self) -> None:
-        self._token = self._watchdog._arm(self._name, self._timeout_s)
+        self._token = self._watchdog._arm(self._name, self._timeout_s, self._source)
 
     def __exit__(self, *exc_info: object) -> None:
         self._watchdog._disarm(self._token)
@@ -108,7 +112,7 @@ class Watchdog:
         self.timeout_s = None if timeout_s is None else float(timeout_s)
         self._exit_code, self._stream, self._source = exit_code, stream, source
         self._wake = threading.Condition(threading.Lock())
-        self._armed: dict[int, tuple[str, float, float]] = {}  # token -> (name, bound, deadline)
+        self._armed: dict[int, tuple[str, float, str, float]] = {}  # token -> (name, bound, source, deadline)
         self._tokens = itertools.count()
         self._thread: threading.Thread | None = None
 
@@ -121,23 +125,28 @@ class Watchdog:
     def armed(self) -> bool:
         return self.timeout_s is not None
 
-    def section(self, name: str, timeout_s: float | None = None) -> ContextManager[None]:
+    def section(self, name: str, timeout_s: float | None = None, *, compiling: bool = False) -> ContextManager[None]:
         """A context manager that ends the process if its body runs longer than the bound.
 
         Args:
             name: what the section does, for the message (e.g. "step 17", "epoch 2 metric means").
             timeout_s: this section's bound; defaults to the watchdog's.
+            compiling: the section traces and compiles (a first step): its bound is `COMPILE_FACTOR`
+                times longer.
         """
         if self.timeout_s is None:
             return _DISARMED
-        return _Section(self, name, self.timeout_s if timeout_s is None else timeout_s)
+        bound, source = self.timeout_s if timeout_s is None else timeout_s, self._source
+        if compiling:
+            bound, source = bound * COMPILE_FACTOR, f"{COMPILE_FACTOR} x {source}, as the first step compiles"
+        return _Section(self, name, bound, source)
 
     # ------------------------------------------------------------------ the thread
 
-    def _arm(self, name: str, timeout_s: float) -> int:
+    def _arm(self, name: str, timeout_s: float, source: str) -> int:
         token = next(self._tokens)
         with self._wake:
-            self._armed[token] = (name, timeout_s, time.monotonic() + timeout_s)
+            self._armed[token] = (name, timeout_s, source, time.monotonic() + timeout_s)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="hvdclip-watchdog", daemon=True)
                 self._thread.start()
@@ -155,19 +164,19 @@ class Watchdog:
                 if not self._armed:
                     self._wake.wait()
                     continue
-                token = min(self._armed, key=lambda t: self._armed[t][2])
-                name, bound, deadline = self._armed[token]
+                token = min(self._armed, key=lambda t: self._armed[t][3])
+                name, bound, source, deadline = self._armed[token]
                 remaining = deadline - time.monotonic()
                 if remaining > 0:
                     # A section that ends early just makes this wake-up find nothing to do.
                     self._wake.wait(remaining)
                     continue
-                self._expire(name, bound)
+                self._expire(name, bound, source)
 
-    def _expire(self, name: str, bound: float) -> None:
+    def _expire(self, name: str, bound: float, source: str) -> None:
         rank = next((os.environ[v] for v in _RANK_VARIABLES if v in os.environ), "?")
         message = (
-            f"hvdclip watchdog: {name} did not complete within {bound:g} s ({self._source}); "
+            f"hvdclip watchdog: {name} did not complete within {bound:g} s ({source}); "
             f"ending rank {rank} on {socket.gethostname()} (pid {os.getpid()}) with exit code {self._exit_code}: "
             "a peer is lost or the network between ranks is cut. Resume from the last checkpoint; "
             f"raise the bound for slow steps, or set {ENV_VAR}=off to debug.\n"

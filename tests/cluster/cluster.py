@@ -240,10 +240,15 @@ class Cluster:
         return ["-p", str(SSH_PORT), "-i", str(self.identity), "-o", f"UserKnownHostsFile={self.known_hosts}",
                 "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"]  # fmt: skip
 
-    def ssh_flags(self) -> list[str]:
-        """The `hvdclip-run` flags that reach this cluster's hosts."""
-        return ["--ssh-port", str(SSH_PORT), "--ssh-identity-file", str(self.identity),
-                "--ssh-option", f"UserKnownHostsFile={self.known_hosts}", "--network-interface", "eth0"]  # fmt: skip
+    def ssh_flags(self, interface: bool = True) -> list[str]:
+        """The `hvdclip-run` flags that reach this cluster's hosts.
+
+        `interface=False` leaves out `--network-interface eth0`, which horovodrun refuses for a job on
+        one host (it then looks for the interface holding 127.0.0.1).
+        """
+        flags = ["--ssh-port", str(SSH_PORT), "--ssh-identity-file", str(self.identity),
+                 "--ssh-option", f"UserKnownHostsFile={self.known_hosts}"]  # fmt: skip
+        return flags + (["--network-interface", "eth0"] if interface else [])
 
     def link(self, host: str, up: bool) -> None:
         """Cuts (or restores) `host`'s cable at the switch."""

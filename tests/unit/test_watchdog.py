@@ -146,3 +146,19 @@ def test_a_bad_bound_in_the_environment_is_named(text):
 def test_a_bad_bound_argument_is_named(bad, error):
     with pytest.raises(error, match=rf"^`timeout_s` must be a number of seconds > 0, or None\. Received: timeout_s={bad!r}$"):
         Watchdog(bad)
+
+
+def test_a_compiling_section_gets_ten_times_the_bound_and_says_so():
+    result = run_python(
+        """
+        import time
+        from watchdog import Watchdog
+        watchdog = Watchdog(0.05)
+        with watchdog.section("step 1", compiling=True):
+            time.sleep(0.3)  # 6 x the bound: allowed while compiling
+        with watchdog.section("step 2", compiling=True):
+            time.sleep(30)
+        """
+    )
+    assert result.returncode == EXIT_CODE
+    assert f"step 2 did not complete within 0.5 s (10 x {ENV_VAR}, as the first step compiles)" in result.stderr
