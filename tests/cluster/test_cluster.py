@@ -151,6 +151,7 @@ def test_a_lost_host_ends_the_job_promptly_leaving_no_process_on_any_host(flags,
     assert ranks, "no rank was found on h2"
     assert code != 0
     assert elapsed < LOST_HOST_BOUND_S, f"the launcher took {elapsed:.1f} s to end after h2 was lost\n{err[-3000:]}"
+    print(f"lost host: launcher ended after {elapsed:.1f} s (exit code {code})")
     for host in hosts.hosts:  # ssh sessions close within moments of the launcher's exit
         left = wait_until(lambda: not hosts.job_pids(host) and [True], 10, f"job processes left on {host}: {hosts.job_pids(host)}")
         assert left
