@@ -62,7 +62,7 @@ test-launch: install
 # the tools are installed and the tests must pass; otherwise they are skipped.
 test-cluster: install
 	$(if $(ROOT_FLAG),bash tests/cluster/install_cluster_tools.sh)
-	HVDCLIP_REQUIRE_CLUSTER=$(if $(ROOT_FLAG),1,0) timeout 1800 $(PY) -m pytest -q -p no:cacheprovider tests/cluster
+	HVDCLIP_REQUIRE_CLUSTER=$(if $(ROOT_FLAG),1,0) timeout 2400 $(PY) -m pytest -q -p no:cacheprovider tests/cluster
 
 # Allreduce bandwidth and step time across 2 hosts on links shaped to 1 and 10 Gbit/s (root only;
 # about 10 minutes); writes benchmarks/results/cluster.md, the table in docs/multi-node.md.
