@@ -13,7 +13,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo bench bench-syncbn soak test test-lint test-unit test-parallel test-examples test-launch clean lint-docker docker-gpu docker-cpu
+.PHONY: install demo bench bench-syncbn bench-cluster soak test test-lint test-unit test-parallel test-examples test-launch test-cluster clean lint-docker docker-gpu docker-cpu
 
 install: $(STAMP)
 
@@ -39,7 +39,7 @@ bench: install
 bench-syncbn: install
 	timeout 900 $(BIN)/hvdclip-run -np 2 --gloo -- $(PY) -m benchmarks.sync_batch_norm
 
-test: install lint-docker test-lint test-unit test-parallel test-examples test-launch
+test: install lint-docker test-lint test-unit test-parallel test-examples test-launch test-cluster
 
 # Repository checks: no shell strings, Dockerfiles and versions.env agree.
 test-lint: install
@@ -69,6 +69,20 @@ soak: install
 test-launch: install
 	$(if $(ROOT_FLAG),bash tests/launcher/install_slurm.sh)
 	HVDCLIP_REQUIRE_SLURM=$(if $(ROOT_FLAG),1,0) timeout 900 $(PY) -m pytest -q -p no:cacheprovider tests/launcher
+
+# 2 hosts x 2 slots on this machine: network namespaces on a bridge, each host with its own sshd
+# (tests/cluster/cluster.py). Both backends: results equal one process, checkpoints resume exactly,
+# a lost host and a cut link end every process in bounded time. Needs root (CI, containers): there
+# the tools are installed and the tests must pass; otherwise they are skipped.
+test-cluster: install
+	$(if $(ROOT_FLAG),bash tests/cluster/install_cluster_tools.sh)
+	HVDCLIP_REQUIRE_CLUSTER=$(if $(ROOT_FLAG),1,0) timeout 2400 $(PY) -m pytest -q -p no:cacheprovider tests/cluster
+
+# Allreduce bandwidth and step time across 2 hosts on links shaped to 1 and 10 Gbit/s (root only;
+# about 10 minutes); writes benchmarks/results/cluster.md, the table in docs/multi-node.md.
+bench-cluster: install
+	bash tests/cluster/install_cluster_tools.sh
+	timeout 3000 $(PY) -m benchmarks.cluster
 
 clean:
 	rm -rf $(VENV) build *.egg-info

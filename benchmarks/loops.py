@@ -43,7 +43,7 @@ def _tf_variables(variables) -> list[tf.Variable]:
 class HvdClipLoop:
     """hvdclip's trainer, driven through `fit` exactly as a user drives it."""
 
-    def __init__(self, spec: ModelSpec, batch_size: int, seed: int, clip: bool):
+    def __init__(self, spec: ModelSpec, batch_size: int, seed: int, clip: bool, compression: str | None = None):
         self.model = spec.build()
         self.dataset = dataset_for(spec, batch_size, seed)
         self.trainer = hvdclip.HvdClipTrainer(
@@ -51,6 +51,7 @@ class HvdClipLoop:
             keras.optimizers.Adam(LEARNING_RATE),
             _loss_fn(),
             clip=hvdclip.clip_by_global_norm(CLIP_NORM) if clip else None,
+            compression=compression,
         )
 
     def run(self, steps: int) -> None:

@@ -33,6 +33,7 @@ from hvdclip.distributed.bridge import as_tf_variables
 from hvdclip.distributed.collectives import broadcast_from_root
 from hvdclip.distributed.reduction import GradientReduction
 from hvdclip.distributed.runtime import require_initialized
+from hvdclip.distributed.watchdog import default_watchdog
 from hvdclip.gradients import dedupe, global_norm, scale, sum_of_squares
 from hvdclip.transforms.base import GradientTransform, apply_transform, check_transform, identity
 from hvdclip.validation import check_bool
@@ -193,8 +194,10 @@ class Clipper:
         self.build(model.trainable_variables)
         named = [(f"model/{v.path}", tv) for v, tv in zip(model.variables, as_tf_variables(model.variables))]
         named += self.named_variables() + list(extra)
-        consistency.check_same_structure(named)
-        broadcast_from_root([variable for _, variable in named])
+        with default_watchdog().section("the start-up structure check and broadcast"):
+            # A structure mismatch would make the broadcast hang or silently mis-assign: check first.
+            consistency.check_same_structure(named)
+            broadcast_from_root([variable for _, variable in named])
         self.broadcast_count += 1
 
     # ------------------------------------------------------------------ the step, in order

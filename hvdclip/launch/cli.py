@@ -9,6 +9,7 @@ executor. Mistakes in the arguments and in the environment end in one line on st
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import sys
@@ -19,7 +20,7 @@ from hvdclip.errors import LauncherError
 from hvdclip.launch.commands import build_command, default_backend, find_program
 from hvdclip.launch.executor import Executor, run_job
 from hvdclip.launch.hosts import parse_host_list, read_hostfile
-from hvdclip.launch.settings import BACKENDS, LaunchSettings
+from hvdclip.launch.settings import BACKENDS, DEFAULT_MCA, DEFAULT_SSH_OPTIONS, LaunchSettings
 
 __all__ = ["main", "parse_args"]
 
@@ -48,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     job.add_argument("--timeout", metavar="S", help="stop the whole job after S seconds (exit code 124)")
     job.add_argument("--dry-run", action="store_true", help="print the command and run nothing")
-    job.add_argument("--verbose", action="store_true", help="print the command before running it; horovodrun --verbose")
+    job.add_argument("--verbose", action="store_true", help="print the command before running it; horovodrun --verbose; keep the ranks' start-up logs")
 
     hosts = parser.add_argument_group("hosts").add_mutually_exclusive_group()
     hosts.add_argument("-H", "--hosts", metavar="HOST:N,...", help="hosts and slots, e.g. node1:4,node2:4")
@@ -73,6 +74,40 @@ def _parser() -> argparse.ArgumentParser:
     comms.add_argument("--fusion-threshold-mb", metavar="MB", help="Horovod tensor fusion buffer size")
     comms.add_argument("--cycle-time-ms", metavar="MS", help="Horovod tensor fusion cycle time")
     comms.add_argument("--srun-mpi", default="pmix", metavar="TYPE", help="srun --mpi plugin (default: pmix)")
+
+    ssh = parser.add_argument_group("ssh (remote hosts; horovodrun and mpirun backends)")
+    ssh.add_argument("--ssh-port", metavar="PORT", help="port of sshd on every host")
+    ssh.add_argument("--ssh-identity-file", metavar="FILE", help="private key for ssh")
+    ssh.add_argument(
+        "--ssh-option",
+        dest="ssh_options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an ssh option for every host, e.g. UserKnownHostsFile=/path (repeatable; overrides the defaults "
+        + ", ".join(f"{k}={v}" for k, v in DEFAULT_SSH_OPTIONS)
+        + ")",
+    )
+
+    failure = parser.add_argument_group("failure detection: every wait is bounded (see docs/launching.md)")
+    failure.add_argument(
+        "--mca",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an Open MPI parameter (repeatable; overrides the defaults "
+        + ", ".join(f"{k}={v}" for k, v in DEFAULT_MCA)
+        + ")",
+    )
+    failure.add_argument(
+        "--gloo-timeout", metavar="S", help="seconds Gloo waits for a peer (HOROVOD_GLOO_TIMEOUT_SECONDS; default 30)"
+    )
+    failure.add_argument(
+        "--step-timeout",
+        metavar="S",
+        help="seconds a training step or collective may take before the rank ends itself "
+        "(HVDCLIP_STEP_TIMEOUT; default 60; `off` disables)",
+    )
 
     parser.add_argument("command", nargs=argparse.REMAINDER, help="after `--`: the program each rank runs")
     return parser
@@ -104,6 +139,11 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[LaunchS
     args.timeout = _number("--timeout", args.timeout, float, "a number of seconds > 0")
     if args.timeout is not None and not args.timeout > 0:
         raise ValueError(f"`--timeout` must be a number of seconds > 0. Received: --timeout={args.timeout:g}")
+    step_timeout = 60.0
+    if args.step_timeout is not None:
+        text = args.step_timeout
+        step_timeout = None if text.lower() == "off" else _number("--step-timeout", text, float, "a number of seconds > 0 or `off`")
+    gloo_timeout = _number("--gloo-timeout", args.gloo_timeout, int, "an integer >= 1")
     settings = LaunchSettings(
         num_proc=_number("-np", args.num_proc, int, "an integer >= 1"),
         command=tuple(command),
@@ -116,8 +156,23 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[LaunchS
         cycle_time_ms=_number("--cycle-time-ms", args.cycle_time_ms, float, "a number >= 0"),
         verbose=args.verbose,
         srun_mpi=args.srun_mpi,
+        ssh_port=_number("--ssh-port", args.ssh_port, int, "an integer >= 1 and <= 65535"),
+        ssh_identity_file=args.ssh_identity_file,
+        ssh_options=tuple(args.ssh_options),
+        mca=tuple(args.mca),
+        gloo_timeout_s=30 if gloo_timeout is None else gloo_timeout,
+        step_timeout_s=step_timeout,
     )
     return settings, args
+
+
+def _require_horovod() -> None:
+    # find_spec of a top-level package reads no module: Horovod's (and TensorFlow's) import stays for the ranks.
+    if importlib.util.find_spec("horovod") is None:
+        raise LauncherError(
+            f"Horovod is not installed in {sys.executable}, which runs horovodrun: install it (`make install` in "
+            "the hvdclip repo builds it with TensorFlow) or use `--backend mpirun`."
+        )
 
 
 def main(
@@ -142,9 +197,12 @@ def main(
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     try:
         settings, args = parse_args(argv, environ)
-        command = build_command(settings, environ, as_root=os.geteuid() == 0)
+        command = build_command(settings, environ, as_root=os.geteuid() == 0, python=sys.executable)
         try:
-            command[0] = find_program(command[0], environ)
+            if settings.backend == "horovodrun":
+                _require_horovod()
+            else:
+                command[0] = find_program(command[0], environ)
         except LauncherError:
             if not args.dry_run:
                 raise

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from hvdclip.errors import LauncherError
 from hvdclip.launch.settings import LaunchSettings
 
-__all__ = ["build_command", "default_backend", "find_program", "horovod_env"]
+__all__ = ["build_command", "default_backend", "find_program", "horovod_env", "rank_prefix"]
 
 # Variables mpirun forwards to every rank when they are set: the search paths first, then everything
 # that configures NCCL, Horovod or TensorFlow.
@@ -35,9 +35,9 @@ def default_backend(environ: Mapping[str, str]) -> str:
 
 
 def horovod_env(settings: LaunchSettings) -> dict[str, str]:
-    """The variables through which Horovod and the transports read the tuning options.
+    """The variables through which Horovod, the transports and hvdclip's ranks read their options.
 
-    horovodrun sets these itself from its flags; for mpirun and srun they go on the command line.
+    horovodrun sets the tuning ones itself from its flags; for mpirun and srun they go on the command line.
     """
     env = {}
     if settings.fusion_threshold_mb is not None:
@@ -46,19 +46,64 @@ def horovod_env(settings: LaunchSettings) -> dict[str, str]:
         env["HOROVOD_CYCLE_TIME"] = f"{settings.cycle_time_ms:g}"
     if settings.network_interfaces:
         env["NCCL_SOCKET_IFNAME"] = ",".join(settings.network_interfaces)
-    return env
+        env["HOROVOD_GLOO_IFACE"] = settings.network_interfaces[0]  # Gloo takes one interface.
+    return {**env, **failure_env(settings)}
+
+
+def failure_env(settings: LaunchSettings) -> dict[str, str]:
+    """The ranks' own bounds: Gloo's wait for a peer, and hvdclip's watchdog on each step."""
+    step = "off" if settings.step_timeout_s is None else f"{settings.step_timeout_s:g}"
+    return {"HOROVOD_GLOO_TIMEOUT_SECONDS": str(settings.gloo_timeout_s), "HVDCLIP_STEP_TIMEOUT": step}
+
+
+def rank_prefix(settings: LaunchSettings, python: str) -> list[str]:
+    """What runs before the user's command on each rank: `python -m hvdclip.launch.rank` (see that module)."""
+    return [python, "-m", "hvdclip.launch.rank", *(["--verbose"] if settings.verbose else []), "--"]
+
+
+def _ssh_words(settings: LaunchSettings) -> list[str]:
+    """ssh's arguments for port, identity and options, as Open MPI's `plm_rsh_args` takes them."""
+    words = ["-p", str(settings.ssh_port)] if settings.ssh_port is not None else []
+    if settings.ssh_identity_file is not None:
+        words += ["-i", settings.ssh_identity_file]
+    for key, value in settings.ssh_option_values().items():
+        words += ["-o", f"{key}={value}"]
+    return words
+
+
+def _mca_args(settings: LaunchSettings, *, btl_nics: bool = True) -> list[str]:
+    values = settings.mca_values()
+    if settings.network_interfaces:
+        # btl carries MPI's messages, oob the daemons' wire-up and control: both must avoid other networks.
+        nics = ",".join(settings.network_interfaces)
+        values = {**({"btl_tcp_if_include": nics} if btl_nics else {}), "oob_tcp_if_include": nics, **values}
+    return [arg for name, value in values.items() for arg in ("-mca", name, value)]
 
 
 def _hosts_arg(settings: LaunchSettings) -> list[str]:
     return ["-H", ",".join(map(str, settings.hosts))] if settings.hosts else []
 
 
-def _horovodrun(settings: LaunchSettings, environ: Mapping[str, str], as_root: bool) -> list[str]:
-    argv = ["horovodrun", "-np", str(settings.num_proc), *_hosts_arg(settings)]
+def _horovodrun(settings: LaunchSettings, environ: Mapping[str, str], as_root: bool, python: str) -> list[str]:
+    # horovodrun through hvdclip's entry point: the same program without its 10 s start-up, and with
+    # ssh options and the ranks' variables (see hvdclip/launch/horovodrun.py).
+    argv = [python, "-m", "hvdclip.launch.horovodrun"]
+    for key, value in settings.ssh_option_values().items():
+        argv += ["--ssh-option", f"{key}={value}"]
+    for name, value in failure_env(settings).items():
+        argv += ["--env", f"{name}={value}"]
+    argv += ["-np", str(settings.num_proc), *_hosts_arg(settings)]
     if settings.controller:
         argv.append(f"--{settings.controller}")
+    if settings.ssh_port is not None:
+        argv += ["--ssh-port", str(settings.ssh_port)]
+    if settings.ssh_identity_file is not None:
+        argv += ["--ssh-identity-file", settings.ssh_identity_file]
     if settings.network_interfaces:
         argv += ["--network-interfaces", ",".join(settings.network_interfaces)]
+    if settings.controller != "gloo":
+        # horovodrun gives its mpirun btl_tcp_if_include itself; the rest reaches it only this way.
+        argv += ["--mpi-args", " ".join(_mca_args(settings, btl_nics=False))]
     if settings.fusion_threshold_mb is not None:
         argv += ["--fusion-threshold-mb", str(settings.fusion_threshold_mb)]
     if settings.cycle_time_ms is not None:
@@ -78,20 +123,20 @@ def _mpirun_exports(settings: LaunchSettings, environ: Mapping[str, str]) -> lis
     return [arg for export in exports for arg in ("-x", export)]
 
 
-def _mpirun(settings: LaunchSettings, environ: Mapping[str, str], as_root: bool) -> list[str]:
+def _mpirun(settings: LaunchSettings, environ: Mapping[str, str], as_root: bool, python: str) -> list[str]:
     argv = ["mpirun", "-np", str(settings.num_proc), *_hosts_arg(settings)]
     # No binding: each rank runs TensorFlow's own thread pools, which one bound core would starve.
     argv += ["-bind-to", "none", "-map-by", "slot"]
     # ob1 over TCP/shared memory works everywhere; the openib BTL is deprecated and only warns.
-    argv += ["-mca", "pml", "ob1", "-mca", "btl", "^openib"]
-    if settings.network_interfaces:
-        argv += ["-mca", "btl_tcp_if_include", ",".join(settings.network_interfaces)]
+    argv += ["-mca", "pml", "ob1", "-mca", "btl", "^openib", *_mca_args(settings)]
+    # One string: Open MPI splits it into ssh's arguments.
+    argv += ["-mca", "plm_rsh_args", " ".join(_ssh_words(settings))]
     if as_root:
         argv.append("--allow-run-as-root")
     return argv + _mpirun_exports(settings, environ)
 
 
-def _srun(settings: LaunchSettings, environ: Mapping[str, str], as_root: bool) -> list[str]:
+def _srun(settings: LaunchSettings, environ: Mapping[str, str], as_root: bool, python: str) -> list[str]:
     argv = ["srun", f"--ntasks={settings.num_proc}", f"--mpi={settings.srun_mpi}"]
     if settings.hosts:
         argv.append(f"--nodelist={','.join(host.name for host in settings.hosts)}")
@@ -102,31 +147,40 @@ def _srun(settings: LaunchSettings, environ: Mapping[str, str], as_root: bool) -
     chosen = {"OMPI_MCA_pml": "ob1", "OMPI_MCA_btl": "^openib", **horovod_env(settings)}
     if settings.network_interfaces:
         chosen["OMPI_MCA_btl_tcp_if_include"] = ",".join(settings.network_interfaces)
+        chosen["OMPI_MCA_oob_tcp_if_include"] = ",".join(settings.network_interfaces)
     return argv + ["env", *(f"{name}={value}" for name, value in chosen.items())]
 
 
 _BUILDERS = {"horovodrun": _horovodrun, "mpirun": _mpirun, "srun": _srun}
 
 
-def build_command(settings: LaunchSettings, environ: Mapping[str, str], *, as_root: bool = False) -> list[str]:
+def build_command(
+    settings: LaunchSettings, environ: Mapping[str, str], *, as_root: bool = False, python: str = "python"
+) -> list[str]:
     """The launcher's argument list for `settings`, ending with the user's command.
+
+    Each rank runs the user's command through `python -m hvdclip.launch.rank` (thread limits, quiet
+    start-up); the horovodrun backend starts as `python -m hvdclip.launch.horovodrun`.
 
     Args:
         settings: the job.
         environ: the caller's environment (mpirun forwards some of its variables by name).
         as_root: whether the job starts as root (Open MPI then needs `--allow-run-as-root`).
+        python: the interpreter, on every host, of horovodrun and of each rank's set-up
+            (`hvdclip-run` passes its own).
 
     Raises:
         ValueError: an `--env` name is not set in `environ`.
 
     Example:
-        >>> build_command(LaunchSettings(num_proc=2, command=("python", "train.py")), {})
-        ['horovodrun', '-np', '2', 'python', 'train.py']
+        >>> build_command(LaunchSettings(num_proc=2, command=("python", "train.py"), backend="srun"), {})[:2]
+        ['srun', '--ntasks=2']
     """
     for name in settings.env:
         if name not in environ:
             raise ValueError(f"`--env` must name a variable that is set in this environment. Received: --env={name}")
-    return _BUILDERS[settings.backend](settings, environ, as_root) + list(settings.command)
+    launcher = _BUILDERS[settings.backend](settings, environ, as_root, python)
+    return launcher + rank_prefix(settings, python) + list(settings.command)
 
 
 def find_program(name: str, environ: Mapping[str, str]) -> str:

@@ -8,12 +8,22 @@ from dataclasses import dataclass
 from hvdclip.launch.hosts import Host, _refuse_repeats, total_slots
 from hvdclip.validation import check_bool, check_int, check_number, check_strings
 
-__all__ = ["BACKENDS", "CONTROLLERS", "LaunchSettings"]
+__all__ = ["BACKENDS", "CONTROLLERS", "DEFAULT_MCA", "DEFAULT_SSH_OPTIONS", "LaunchSettings"]
 
 BACKENDS = ("horovodrun", "mpirun", "srun")
 CONTROLLERS = ("gloo", "mpi")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _WORD = re.compile(r"[^\s,]+")  # A network interface or srun MPI plugin name: one word, no list.
+# ssh options and Open MPI parameters end up in Open MPI's `plm_rsh_args` and in horovodrun's ssh
+# command, both split on whitespace: a key is one word, a value has no whitespace.
+_KEY_VALUE = re.compile(r"([A-Za-z][A-Za-z0-9_]*)=(\S+)")
+
+# Failure detection: every wait of the launcher on a remote host is bounded. ssh sends a keepalive
+# every 5 s and gives up after 3 unanswered (about 20 s); Open MPI's daemons probe their TCP
+# connections after 5 s idle, every 2 s, 3 times (about 11 s). Each is overridden by a later
+# `--ssh-option` or `--mca` of the same key.
+DEFAULT_SSH_OPTIONS = (("ServerAliveInterval", "5"), ("ServerAliveCountMax", "3"))
+DEFAULT_MCA = (("oob_tcp_keepalive_time", "5"), ("oob_tcp_keepalive_intvl", "2"), ("oob_tcp_keepalive_probes", "3"))
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,13 @@ class LaunchSettings:
         cycle_time_ms: Horovod's fusion cycle time in milliseconds.
         verbose: ask horovodrun for verbose output.
         srun_mpi: the PMI plugin `srun --mpi=...` uses to start MPI ranks.
+        ssh_port: the port of sshd on every host; None uses ssh's default (22 or ~/.ssh/config).
+        ssh_identity_file: the private key ssh logs in with; None uses ssh's default.
+        ssh_options: `KEY=VALUE` options for every ssh the launcher runs, after `DEFAULT_SSH_OPTIONS`.
+        mca: `NAME=VALUE` Open MPI parameters for mpirun (and horovodrun's MPI), after `DEFAULT_MCA`.
+        gloo_timeout_s: seconds a Gloo rendezvous or collective may wait (HOROVOD_GLOO_TIMEOUT_SECONDS).
+        step_timeout_s: seconds a training step or collective may take before the rank's watchdog ends
+            it (HVDCLIP_STEP_TIMEOUT); None turns the watchdog off.
 
     Example:
         >>> LaunchSettings(num_proc=2, command=("python", "train.py"), backend="mpirun")
@@ -48,6 +65,12 @@ class LaunchSettings:
     cycle_time_ms: float | None = None
     verbose: bool = False
     srun_mpi: str = "pmix"
+    ssh_port: int | None = None
+    ssh_identity_file: str | None = None
+    ssh_options: tuple[str, ...] = ()
+    mca: tuple[str, ...] = ()
+    gloo_timeout_s: int = 30
+    step_timeout_s: float | None = 60.0
 
     def __post_init__(self) -> None:
         check_int("-np", self.num_proc, ge=1)
@@ -87,3 +110,25 @@ class LaunchSettings:
         if not isinstance(self.srun_mpi, str) or not _WORD.fullmatch(self.srun_mpi):
             error = ValueError if isinstance(self.srun_mpi, str) else TypeError
             raise error(f"`--srun-mpi` must be an MPI plugin name such as pmix. Received: --srun-mpi={self.srun_mpi!r}")
+        if self.ssh_port is not None:
+            check_int("--ssh-port", self.ssh_port, ge=1, le=65535)
+        if self.ssh_identity_file is not None:
+            path = self.ssh_identity_file
+            if not isinstance(path, str) or not path or any(c.isspace() for c in path):
+                error = ValueError if isinstance(path, str) else TypeError
+                raise error(f"`--ssh-identity-file` must be a path without whitespace. Received: --ssh-identity-file={path!r}")
+        for flag, items, example in (("--ssh-option", self.ssh_options, "ServerAliveInterval=5"), ("--mca", self.mca, "btl_tcp_links=2")):
+            for item in check_strings(flag, items):
+                if not _KEY_VALUE.fullmatch(item):
+                    raise ValueError(f"`{flag}` takes KEY=VALUE without spaces, such as {example}. Received: {flag}={item!r}")
+        check_int("--gloo-timeout", self.gloo_timeout_s, ge=1)
+        if self.step_timeout_s is not None:
+            check_number("--step-timeout", self.step_timeout_s, gt=0)
+
+    def ssh_option_values(self) -> dict[str, str]:
+        """The ssh options in effect: the defaults, then `ssh_options` (a repeated key keeps its last value)."""
+        return {**dict(DEFAULT_SSH_OPTIONS), **dict(item.split("=", 1) for item in self.ssh_options)}
+
+    def mca_values(self) -> dict[str, str]:
+        """The Open MPI parameters in effect: the defaults, then `mca` (a repeated name keeps its last value)."""
+        return {**dict(DEFAULT_MCA), **dict(item.split("=", 1) for item in self.mca)}

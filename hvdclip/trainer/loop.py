@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from hvdclip.distributed import runtime
 from hvdclip.distributed.collectives import agree_any, sum_variables_over_ranks
+from hvdclip.distributed.watchdog import default_watchdog
 from hvdclip.trainer.callbacks import CallbackList, ProgressBar
 from hvdclip.trainer.data import InputPlan, batch_size_of, check_class_weight, with_class_weight
 from hvdclip.trainer.evaluation import Evaluator, check_metrics
@@ -67,7 +68,8 @@ def fit(
     class_weights = check_class_weight(class_weight)
     verbose = check_int("verbose", verbose, ge=0, le=2)
 
-    steps = trainer.agreed_steps(plan.for_epoch(), steps_per_epoch)
+    with default_watchdog().section("agreeing on the steps per epoch"):
+        steps = trainer.agreed_steps(plan.for_epoch(), steps_per_epoch)
     if rank == 0:
         plan.warn_if_uneven()
     trainer.start_on(plan)
@@ -108,17 +110,20 @@ def fit(
         state.epoch_step.assign(0)
 
         names |= state.epoch_sums.names()  # The same on every rank: all ran the same steps.
-        logs = state.epoch_sums.rank_means(sorted(names))
-        if trainer.metrics:  # Over all ranks' examples: the metrics' sums are added up first.
-            sum_variables_over_ranks([v for metric in trainer.metrics for v in metric.variables], "train_metric")
-            logs.update({metric.name: float(metric.result()) for metric in trainer.metrics})
+        with default_watchdog().section(f"epoch {epoch}'s metric means"):
+            logs = state.epoch_sums.rank_means(sorted(names))
+            if trainer.metrics:  # Over all ranks' examples: the metrics' sums are added up first.
+                sum_variables_over_ranks([v for metric in trainer.metrics for v in metric.variables], "train_metric")
+                logs.update({metric.name: float(metric.result()) for metric in trainer.metrics})
         if evaluate is not None:
             logs.update({f"val_{name}": value for name, value in evaluate(validation.for_epoch()).items()})
         hooks.on_epoch_end(epoch, logs)
         for name, value in logs.items():
             history.history.setdefault(name, []).append(value)
         history.epochs.append(epoch)
-        if agree_any(trainer.stop_training or bool(trainer.model.stop_training), "stop_training"):
+        with default_watchdog().section(f"epoch {epoch}'s stop vote"):
+            stop = agree_any(trainer.stop_training or bool(trainer.model.stop_training), "stop_training")
+        if stop:
             trainer.stop_training = True
             break
     hooks.on_train_end(logs)

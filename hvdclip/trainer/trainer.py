@@ -23,6 +23,7 @@ from hvdclip.distributed import consistency, runtime
 from hvdclip.distributed.bridge import as_tf_variables
 from hvdclip.distributed.collectives import agree_min
 from hvdclip.distributed.rank_zero import on_rank_zero, writable_directory
+from hvdclip.distributed.watchdog import default_watchdog
 from hvdclip.errors import CheckpointError, NonFiniteGradientError
 from hvdclip.trainer.checkpoint import read as read_checkpoint
 from hvdclip.trainer.data import InputPlan, check_batch
@@ -258,14 +259,16 @@ class HvdClipTrainer:
     def run_step(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, tf.Tensor]:
         """One step (or micro-batch) on this rank's batch, as tensors; what `fit` calls per batch."""
         self.start(x)
-        if self._accumulation_steps == 1:
-            metrics = self._compiled["step"](x, y, sample_weight)
-        else:
-            self._micro_step += 1
-            if self._micro_step < self._accumulation_steps:
-                return self._compiled["accumulate"](x, y, sample_weight)
-            self._micro_step = 0
-            metrics = self._compiled["accumulated_step"](x, y, sample_weight)
+        # A lost peer ends the rank instead of hanging it; the first step also traces and compiles.
+        with default_watchdog().section(f"step {self._calls + 1}", compiling=self._calls == 0):
+            if self._accumulation_steps == 1:
+                metrics = self._compiled["step"](x, y, sample_weight)
+            else:
+                self._micro_step += 1
+                if self._micro_step < self._accumulation_steps:
+                    return self._compiled["accumulate"](x, y, sample_weight)
+                self._micro_step = 0
+                metrics = self._compiled["accumulated_step"](x, y, sample_weight)
         if self._max_consecutive_skips is not None and self.clipper.skip_nonfinite:
             consecutive = int(self.clipper.consecutive_skips.numpy())
             if consecutive >= self._max_consecutive_skips:

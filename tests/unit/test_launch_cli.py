@@ -35,6 +35,28 @@ def bin_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
+# What hvdclip-run puts before the user's command: horovodrun through hvdclip's entry point with the
+# default bounds, and each rank's set-up.
+# The interpreter is hvdclip-run's own, read when the command is built (fixtures replace it).
+def horovodrun():
+    return [
+        sys.executable, "-m", "hvdclip.launch.horovodrun",
+        "--ssh-option", "ServerAliveInterval=5", "--ssh-option", "ServerAliveCountMax=3",
+        "--env", "HOROVOD_GLOO_TIMEOUT_SECONDS=30", "--env", "HVDCLIP_STEP_TIMEOUT=60",
+    ]  # fmt: skip
+
+
+def rank():
+    return [sys.executable, "-m", "hvdclip.launch.rank", "--"]
+
+
+MPI_ARGS = ["--mpi-args", "-mca oob_tcp_keepalive_time 5 -mca oob_tcp_keepalive_intvl 2 -mca oob_tcp_keepalive_probes 3"]
+
+
+def user_command(argv):
+    return argv[argv.index("hvdclip.launch.rank") + 2 :]
+
+
 def run(argv, environ, executor=None):
     out, err = io.StringIO(), io.StringIO()
     code = main(argv, environ=environ, executor=executor or FakeExecutor(), stdout=out, stderr=err)
@@ -46,7 +68,7 @@ def test_runs_the_built_command_and_returns_the_jobs_exit_code(bin_dir):
     environ = {"PATH": str(bin_dir), "NCCL_DEBUG": "INFO"}
     code, out, err = run(["-np", "2", "--timeout", "30", "--", "python", "train.py"], environ, executor)
     assert (code, out, err) == (7, "", "")
-    assert executor.calls == [([f"{bin_dir}/horovodrun", "-np", "2", "python", "train.py"], environ, 30.0)]
+    assert executor.calls == [([*horovodrun(), "-np", "2", *MPI_ARGS, *rank(), "python", "train.py"], environ, 30.0)]
 
 
 def test_dry_run_prints_the_exact_command_and_runs_nothing(bin_dir):
@@ -56,8 +78,11 @@ def test_dry_run_prints_the_exact_command_and_runs_nothing(bin_dir):
     assert (code, err, executor.calls) == (0, "", [])
     assert shlex.split(out) == [
         f"{bin_dir}/mpirun", "-np", "2", "-bind-to", "none", "-map-by", "slot", "-mca", "pml", "ob1",
-        "-mca", "btl", "^openib", *(["--allow-run-as-root"] if os.geteuid() == 0 else []), "-x", "PATH",
-        "python", "train.py", "--name", "two words",
+        "-mca", "btl", "^openib", *MPI_ARGS[1].split(),
+        "-mca", "plm_rsh_args", "-o ServerAliveInterval=5 -o ServerAliveCountMax=3",
+        *(["--allow-run-as-root"] if os.geteuid() == 0 else []), "-x", "PATH",
+        "-x", "HOROVOD_GLOO_TIMEOUT_SECONDS=30", "-x", "HVDCLIP_STEP_TIMEOUT=60",
+        *rank(), "python", "train.py", "--name", "two words",
     ]  # fmt: skip
 
 
@@ -66,7 +91,7 @@ def test_command_may_follow_without_separator_and_keeps_its_own_separator(bin_di
     environ = {"PATH": str(bin_dir)}
     run(["-np", "2", "python", "train.py", "-np", "3"], environ, executor)
     run(["-np", "2", "--", "python", "train.py", "--", "extra"], environ, executor)
-    commands = [call[0][3:] for call in executor.calls]
+    commands = [user_command(call[0]) for call in executor.calls]
     assert commands == [["python", "train.py", "-np", "3"], ["python", "train.py", "--", "extra"]]
 
 
@@ -88,12 +113,14 @@ def test_comma_separated_and_repeated_interfaces_are_one_list(bin_dir):
     executor = FakeExecutor()
     argv = ["-np", "2", "--network-interface", "eth0,eth1", "--network-interface", "ib0", "--", "python", "t.py"]
     run(argv, {"PATH": str(bin_dir)}, executor)
-    assert executor.calls[0][0][3:5] == ["--network-interfaces", "eth0,eth1,ib0"]
+    argv = executor.calls[0][0]
+    assert argv[argv.index("--network-interfaces") + 1] == "eth0,eth1,ib0"
 
 
 def test_verbose_prints_the_command_before_running(bin_dir):
     code, out, err = run(["-np", "2", "--verbose", "--", "python", "t.py"], {"PATH": str(bin_dir)})
-    assert err == f"hvdclip-run: {bin_dir}/horovodrun -np 2 --verbose python t.py\n"
+    argv = [*horovodrun(), "-np", "2", *MPI_ARGS, "--verbose", sys.executable, "-m", "hvdclip.launch.rank", "--verbose", "--", "python", "t.py"]
+    assert err == f"hvdclip-run: {shlex.join(argv)}\n"
 
 
 def test_dry_run_works_without_the_launcher_installed(tmp_path, monkeypatch):
@@ -141,7 +168,7 @@ def test_missing_launcher_is_an_environment_error_with_exit_code_2(tmp_path, mon
 def test_module_and_console_script_are_the_same_program(entry):
     result = subprocess.run([*entry, "-np", "2", "--dry-run", "--", "python", "t.py"], capture_output=True, text=True, cwd=REPO)
     assert (result.returncode, result.stderr) == (0, "")
-    assert shlex.split(result.stdout)[1:] == ["-np", "2", "python", "t.py"]
+    assert shlex.split(result.stdout) == [*horovodrun(), "-np", "2", *MPI_ARGS, *rank(), "python", "t.py"]
 
 
 def test_importing_the_launcher_loads_neither_tensorflow_nor_horovod():
@@ -149,3 +176,51 @@ def test_importing_the_launcher_loads_neither_tensorflow_nor_horovod():
     probe = "import sys, hvdclip.launch; print('tensorflow' in sys.modules, 'horovod' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_cluster_options_and_overridden_bounds_reach_mpirun(bin_dir):
+    argv = [
+        "-np", "4", "-H", "h1:2,h2:2", "--backend", "mpirun", "--network-interface", "eth0",
+        "--ssh-port", "2222", "--ssh-identity-file", "/k/id", "--ssh-option", "UserKnownHostsFile=/k/known",
+        "--ssh-option", "ServerAliveInterval=1", "--mca", "oob_tcp_keepalive_time=2",
+        "--gloo-timeout", "9", "--step-timeout", "off", "--dry-run", "--", "python", "t.py",
+    ]  # fmt: skip
+    code, out, err = run(argv, {"PATH": str(bin_dir)})
+    assert (code, err) == (0, "")
+    words = shlex.split(out)
+    mca = {words[i + 1]: words[i + 2] for i, word in enumerate(words) if word == "-mca"}
+    assert mca == {
+        "pml": "ob1", "btl": "^openib", "btl_tcp_if_include": "eth0", "oob_tcp_if_include": "eth0",
+        "oob_tcp_keepalive_time": "2", "oob_tcp_keepalive_intvl": "2", "oob_tcp_keepalive_probes": "3",
+        "plm_rsh_args": "-p 2222 -i /k/id -o ServerAliveInterval=1 -o ServerAliveCountMax=3 -o UserKnownHostsFile=/k/known",
+    }  # fmt: skip
+    exports = [words[i + 1] for i, word in enumerate(words) if word == "-x"]
+    assert exports[-4:] == ["NCCL_SOCKET_IFNAME=eth0", "HOROVOD_GLOO_IFACE=eth0", "HOROVOD_GLOO_TIMEOUT_SECONDS=9", "HVDCLIP_STEP_TIMEOUT=off"]
+
+
+def test_cluster_options_reach_horovodrun(bin_dir):
+    argv = [
+        "-np", "4", "-H", "h1:2,h2:2", "--gloo", "--network-interface", "eth0", "--ssh-port", "2222",
+        "--ssh-identity-file", "/k/id", "--ssh-option", "UserKnownHostsFile=/k/known", "--step-timeout", "90",
+        "--dry-run", "--", "python", "t.py",
+    ]  # fmt: skip
+    code, out, err = run(argv, {"PATH": str(bin_dir)})
+    assert shlex.split(out) == [
+        sys.executable, "-m", "hvdclip.launch.horovodrun",
+        "--ssh-option", "ServerAliveInterval=5", "--ssh-option", "ServerAliveCountMax=3",
+        "--ssh-option", "UserKnownHostsFile=/k/known",
+        "--env", "HOROVOD_GLOO_TIMEOUT_SECONDS=30", "--env", "HVDCLIP_STEP_TIMEOUT=90",
+        "-np", "4", "-H", "h1:2,h2:2", "--gloo", "--ssh-port", "2222", "--ssh-identity-file", "/k/id",
+        "--network-interfaces", "eth0", *rank(), "python", "t.py",
+    ]  # fmt: skip
+
+
+def test_horovodrun_backend_without_horovod_says_what_to_install(bin_dir, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "horovod" else real(name, *a))
+    executor = FakeExecutor()
+    code, out, err = run(["-np", "2", "--", "python", "t.py"], {"PATH": str(bin_dir)}, executor)
+    assert (code, executor.calls) == (2, [])
+    assert err.startswith("hvdclip-run: error: Horovod is not installed in ") and "--backend mpirun" in err

@@ -9,7 +9,22 @@ from hvdclip.launch import Host, LaunchSettings, build_command, default_backend,
 
 TRAIN = ("python", "train.py", "--note", "two words")
 HOSTS = (Host("node1", 4), Host("node2", 4))
-MPI_FIXED = ["-bind-to", "none", "-map-by", "slot", "-mca", "pml", "ob1", "-mca", "btl", "^openib"]
+KEEPALIVE = ["-mca", "oob_tcp_keepalive_time", "5", "-mca", "oob_tcp_keepalive_intvl", "2", "-mca", "oob_tcp_keepalive_probes", "3"]
+SSH_DEFAULTS = "-o ServerAliveInterval=5 -o ServerAliveCountMax=3"
+MPI_FIXED = [
+    "-bind-to", "none", "-map-by", "slot", "-mca", "pml", "ob1", "-mca", "btl", "^openib", *KEEPALIVE,
+    "-mca", "plm_rsh_args", SSH_DEFAULTS,
+]  # fmt: skip
+# Every rank's command starts with hvdclip's set-up (thread limits, quiet start-up).
+RANK = ["python", "-m", "hvdclip.launch.rank", "--"]
+# The ranks' own bounds, set by every backend.
+BOUNDS = {"HOROVOD_GLOO_TIMEOUT_SECONDS": "30", "HVDCLIP_STEP_TIMEOUT": "60"}
+HOROVODRUN = [
+    "python", "-m", "hvdclip.launch.horovodrun",
+    "--ssh-option", "ServerAliveInterval=5", "--ssh-option", "ServerAliveCountMax=3",
+    "--env", "HOROVOD_GLOO_TIMEOUT_SECONDS=30", "--env", "HVDCLIP_STEP_TIMEOUT=60",
+]  # fmt: skip
+MPI_ARGS = ["--mpi-args", " ".join(KEEPALIVE)]
 
 
 def settings(**overrides):
@@ -17,7 +32,7 @@ def settings(**overrides):
 
 
 def test_horovodrun_minimal():
-    assert build_command(settings(), {}) == ["horovodrun", "-np", "2", *TRAIN]
+    assert build_command(settings(), {}) == [*HOROVODRUN, "-np", "2", *MPI_ARGS, *RANK, *TRAIN]
 
 
 def test_horovodrun_passes_every_option_through():
@@ -31,21 +46,41 @@ def test_horovodrun_passes_every_option_through():
         verbose=True,
     )
     assert build_command(job, {"NCCL_DEBUG": "INFO"}, as_root=True) == [
-        "horovodrun", "-np", "8", "-H", "node1:4,node2:4", "--gloo",
+        *HOROVODRUN, "-np", "8", "-H", "node1:4,node2:4", "--gloo",
         "--network-interfaces", "eth0,eth1", "--fusion-threshold-mb", "64", "--cycle-time-ms", "2.5",
-        "--verbose", *TRAIN,
+        "--verbose", "python", "-m", "hvdclip.launch.rank", "--verbose", "--", *TRAIN,
     ]  # fmt: skip
 
 
 def test_horovodrun_mpi_controller():
-    assert build_command(settings(controller="mpi"), {}) == ["horovodrun", "-np", "2", "--mpi", *TRAIN]
+    assert build_command(settings(controller="mpi"), {}) == [*HOROVODRUN, "-np", "2", "--mpi", *MPI_ARGS, *RANK, *TRAIN]
+
+
+def test_horovodrun_ssh_and_failure_detection_options():
+    job = settings(
+        controller="mpi", hosts=HOSTS, ssh_port=2222, ssh_identity_file="/keys/id", network_interfaces=("eth1",),
+        ssh_options=("UserKnownHostsFile=/keys/known", "ServerAliveInterval=1"), mca=("oob_tcp_keepalive_time=9",),
+        gloo_timeout_s=7, step_timeout_s=None,
+    )  # fmt: skip
+    assert build_command(job, {}, python="/venv/bin/python") == [
+        "/venv/bin/python", "-m", "hvdclip.launch.horovodrun",
+        "--ssh-option", "ServerAliveInterval=1", "--ssh-option", "ServerAliveCountMax=3",
+        "--ssh-option", "UserKnownHostsFile=/keys/known",
+        "--env", "HOROVOD_GLOO_TIMEOUT_SECONDS=7", "--env", "HVDCLIP_STEP_TIMEOUT=off",
+        "-np", "2", "-H", "node1:4,node2:4", "--mpi", "--ssh-port", "2222", "--ssh-identity-file", "/keys/id",
+        "--network-interfaces", "eth1",
+        "--mpi-args", "-mca oob_tcp_if_include eth1 -mca oob_tcp_keepalive_time 9 -mca oob_tcp_keepalive_intvl 2 "
+        "-mca oob_tcp_keepalive_probes 3",
+        "/venv/bin/python", "-m", "hvdclip.launch.rank", "--", *TRAIN,
+    ]  # fmt: skip
 
 
 def test_mpirun_minimal_as_user_and_as_root():
     environ = {"PATH": "/usr/bin"}
-    as_user = ["mpirun", "-np", "2", *MPI_FIXED, "-x", "PATH", *TRAIN]
+    bounds = ["-x", "HOROVOD_GLOO_TIMEOUT_SECONDS=30", "-x", "HVDCLIP_STEP_TIMEOUT=60"]
+    as_user = ["mpirun", "-np", "2", *MPI_FIXED, "-x", "PATH", *bounds, *RANK, *TRAIN]
     assert build_command(settings(backend="mpirun"), environ, as_root=False) == as_user
-    as_root = ["mpirun", "-np", "2", *MPI_FIXED, "--allow-run-as-root", "-x", "PATH", *TRAIN]
+    as_root = ["mpirun", "-np", "2", *MPI_FIXED, "--allow-run-as-root", "-x", "PATH", *bounds, *RANK, *TRAIN]
     assert build_command(settings(backend="mpirun"), environ, as_root=True) == as_root
 
 
@@ -61,11 +96,11 @@ def test_mpirun_exports_paths_prefixed_variables_and_env_names_that_are_set():
         "MY_TF_THING": "not a TF_ prefix",
     }
     job = settings(backend="mpirun", env=("OMP_NUM_THREADS", "NCCL_DEBUG"))
-    exports = build_command(job, environ)[len(MPI_FIXED) + 3 : -len(TRAIN)]
+    exports = build_command(job, environ)[len(MPI_FIXED) + 3 : -len(RANK + list(TRAIN))]
     assert exports == [
         "-x", "PATH", "-x", "PYTHONPATH",  # LD_LIBRARY_PATH is not set, so not exported
         "-x", "HOROVOD_LOG_LEVEL", "-x", "NCCL_DEBUG", "-x", "TF_CPP_MIN_LOG_LEVEL",
-        "-x", "OMP_NUM_THREADS",
+        "-x", "OMP_NUM_THREADS", "-x", "HOROVOD_GLOO_TIMEOUT_SECONDS=30", "-x", "HVDCLIP_STEP_TIMEOUT=60",
     ]  # fmt: skip
 
 
@@ -73,25 +108,45 @@ def test_mpirun_hosts_interfaces_and_tuning_values_override_the_environment():
     job = settings(
         backend="mpirun", num_proc=8, hosts=HOSTS, network_interfaces=("eth0",), fusion_threshold_mb=0, cycle_time_ms=5
     )
-    environ = {"PATH": "/usr/bin", "HOROVOD_FUSION_THRESHOLD": "1"}
+    environ = {"PATH": "/usr/bin", "HOROVOD_FUSION_THRESHOLD": "1", "HVDCLIP_STEP_TIMEOUT": "5"}
     assert build_command(job, environ) == [
-        "mpirun", "-np", "8", "-H", "node1:4,node2:4", *MPI_FIXED, "-mca", "btl_tcp_if_include", "eth0",
+        "mpirun", "-np", "8", "-H", "node1:4,node2:4", *MPI_FIXED[:10],
+        "-mca", "btl_tcp_if_include", "eth0", "-mca", "oob_tcp_if_include", "eth0", *MPI_FIXED[10:],
         "-x", "PATH", "-x", "HOROVOD_FUSION_THRESHOLD=0", "-x", "HOROVOD_CYCLE_TIME=5",
-        "-x", "NCCL_SOCKET_IFNAME=eth0", *TRAIN,
+        "-x", "NCCL_SOCKET_IFNAME=eth0", "-x", "HOROVOD_GLOO_IFACE=eth0",
+        "-x", "HOROVOD_GLOO_TIMEOUT_SECONDS=30", "-x", "HVDCLIP_STEP_TIMEOUT=60", *RANK, *TRAIN,
     ]  # fmt: skip
+
+
+def test_mpirun_ssh_options_go_into_plm_rsh_args_and_mca_overrides_the_defaults():
+    job = settings(
+        backend="mpirun", ssh_port=2222, ssh_identity_file="/keys/id",
+        ssh_options=("UserKnownHostsFile=/keys/known", "ServerAliveCountMax=6"),
+        mca=("oob_tcp_keepalive_probes=9", "btl_tcp_links=2"), step_timeout_s=12.5, gloo_timeout_s=99,
+    )  # fmt: skip
+    argv = build_command(job, {})
+    assert argv[:28] == [
+        "mpirun", "-np", "2", *MPI_FIXED[:10],
+        "-mca", "oob_tcp_keepalive_time", "5", "-mca", "oob_tcp_keepalive_intvl", "2",
+        "-mca", "oob_tcp_keepalive_probes", "9", "-mca", "btl_tcp_links", "2",
+        "-mca", "plm_rsh_args",
+        "-p 2222 -i /keys/id -o ServerAliveInterval=5 -o ServerAliveCountMax=6 -o UserKnownHostsFile=/keys/known",
+    ]  # fmt: skip
+    assert argv[28:32] == ["-x", "HOROVOD_GLOO_TIMEOUT_SECONDS=99", "-x", "HVDCLIP_STEP_TIMEOUT=12.5"]
 
 
 def test_srun_minimal_and_with_hosts_and_tuning():
     mca = ["OMPI_MCA_pml=ob1", "OMPI_MCA_btl=^openib"]
     fixed = ["--kill-on-bad-exit=1", "--cpu-bind=none"]
+    bounds = [f"{name}={value}" for name, value in BOUNDS.items()]
     assert build_command(settings(backend="srun"), {"SLURM_JOB_ID": "7"}) == [
-        "srun", "--ntasks=2", "--mpi=pmix", *fixed, "env", *mca, *TRAIN,
+        "srun", "--ntasks=2", "--mpi=pmix", *fixed, "env", *mca, *bounds, *RANK, *TRAIN,
     ]  # fmt: skip
     job = settings(backend="srun", hosts=HOSTS, network_interfaces=("ib0", "eth0"), fusion_threshold_mb=1, srun_mpi="pmi2")
     assert build_command(job, {}) == [
         "srun", "--ntasks=2", "--mpi=pmi2", "--nodelist=node1,node2", *fixed, "env", *mca,
-        "HOROVOD_FUSION_THRESHOLD=1048576", "NCCL_SOCKET_IFNAME=ib0,eth0", "OMPI_MCA_btl_tcp_if_include=ib0,eth0",
-        *TRAIN,
+        "HOROVOD_FUSION_THRESHOLD=1048576", "NCCL_SOCKET_IFNAME=ib0,eth0", "HOROVOD_GLOO_IFACE=ib0", *bounds,
+        "OMPI_MCA_btl_tcp_if_include=ib0,eth0", "OMPI_MCA_oob_tcp_if_include=ib0,eth0", *RANK, *TRAIN,
     ]  # fmt: skip
 
 
@@ -122,6 +177,12 @@ def test_default_backend_is_srun_only_inside_an_allocation(environ, backend):
         ({"env": ("A=1",)}, ValueError, r"`--env` takes a variable name such as NCCL_DEBUG\. Received: --env=A=1"),
         ({"fusion_threshold_mb": -1}, ValueError, r"`--fusion-threshold-mb` must be an integer >= 0\. Received: --fusion-threshold-mb=-1"),
         ({"cycle_time_ms": -1.0}, ValueError, r"`--cycle-time-ms` must be a number >= 0\. Received: --cycle-time-ms=-1.0"),
+        ({"ssh_port": 0}, ValueError, r"`--ssh-port` must be an integer >= 1 and <= 65535\. Received: --ssh-port=0"),
+        ({"ssh_identity_file": "/my keys/id"}, ValueError, r"`--ssh-identity-file` must be a path without whitespace\. Received: --ssh-identity-file='/my keys/id'"),
+        ({"ssh_options": ("ServerAliveInterval 5",)}, ValueError, r"`--ssh-option` takes KEY=VALUE without spaces, such as ServerAliveInterval=5\. Received: --ssh-option='ServerAliveInterval 5'"),
+        ({"mca": ("btl=a b",)}, ValueError, r"`--mca` takes KEY=VALUE without spaces, such as btl_tcp_links=2\. Received: --mca='btl=a b'"),
+        ({"gloo_timeout_s": 0}, ValueError, r"`--gloo-timeout` must be an integer >= 1\. Received: --gloo-timeout=0"),
+        ({"step_timeout_s": 0.0}, ValueError, r"`--step-timeout` must be a number > 0\. Received: --step-timeout=0.0"),
     ],
 )
 def test_settings_refuse_bad_values(overrides, error, message):

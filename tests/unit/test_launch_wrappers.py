@@ -21,10 +21,11 @@ def dry_run(script, *args):
     return shlex.split(result.stdout)
 
 
-@pytest.mark.parametrize("script, program", [("horovodrun.sh", "horovodrun"), ("mpirun.sh", "mpirun")])
+@pytest.mark.parametrize("script, program", [("horovodrun.sh", "hvdclip.launch.horovodrun"), ("mpirun.sh", "mpirun")])
 def test_wrapper_picks_its_backend(script, program):
     argv = dry_run(script, "-np", "2")
-    assert (Path(argv[0]).name, argv[1:3], argv[-2:]) == (program, ["-np", "2"], ["python", "train.py"])
+    assert program in (Path(argv[0]).name, argv[2])
+    assert (argv[argv.index("-np") + 1], argv[-2:]) == ("2", ["python", "train.py"])
 
 
 def test_checkout_comes_first_on_the_pythonpath_mpirun_forwards():
