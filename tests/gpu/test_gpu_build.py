@@ -23,7 +23,14 @@ def test_the_loaded_extension_was_built_with_nccl_mpi_and_gloo():
 
 
 def test_nccl_library_resolves_for_the_extension():
-    """mpi_lib.so finds libnccl (statically linked, or through its rpath to the nvidia-nccl-cu12 wheel)."""
+    """mpi_lib.so finds libnccl: statically linked, or through its rpath to the nvidia-nccl-cu12
+    wheel, and no rpath into a build machine's cache. (TensorFlow's own libraries are found through
+    the TensorFlow that Python loaded first, so ldd may not see those.)"""
     [lib] = Path(hvd.__file__).parent.glob("mpi_lib*.so")
     ldd = subprocess.run(["ldd", str(lib)], capture_output=True, text=True, timeout=60, check=True).stdout
-    assert "not found" not in ldd, ldd
+    nccl = [line.strip() for line in ldd.splitlines() if "libnccl" in line]
+    assert all("not found" not in line for line in nccl), ldd
+    if nccl:  # shared: the wheel's
+        assert "/nvidia/nccl/lib/" in nccl[0], nccl
+    readelf = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert ".cache/hvdclip" not in readelf, readelf
