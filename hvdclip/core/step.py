@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from hvdclip.distributed import consistency
 from hvdclip.distributed.bridge import as_tf_variables
-from hvdclip.distributed.collectives import broadcast_from_root
+from hvdclip.distributed import collectives
 from hvdclip.distributed.reduction import GradientReduction
 from hvdclip.distributed.runtime import require_initialized
 from hvdclip.distributed.watchdog import default_watchdog
@@ -197,7 +197,7 @@ class Clipper:
         with default_watchdog().section("the start-up structure check and broadcast"):
             # A structure mismatch would make the broadcast hang or silently mis-assign: check first.
             consistency.check_same_structure(named)
-            broadcast_from_root([variable for _, variable in named])
+            collectives.broadcast_from_root([variable for _, variable in named])
         self.broadcast_count += 1
 
     # ------------------------------------------------------------------ the step, in order

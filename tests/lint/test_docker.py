@@ -190,6 +190,37 @@ def exec_form_problems(instructions: list[dict]) -> list[str]:
     return problems
 
 
+# Variables the official base images set with ENV, from their Dockerfiles (docker-library/python;
+# NVIDIA's cuda base/runtime/cudnn/devel images, which also set dozens of NV_* names). Under
+# buildah and podman a base image's ENV wins over a same-named ARG, so such an ARG silently takes
+# the base's value (python's PYTHON_VERSION=3.11.x made `python${PYTHON_VERSION}` fail); BuildKit
+# lets the ARG win. An ARG must therefore never have one of these names.
+BASE_IMAGE_ENV = {
+    "python": {"PATH", "LANG", "GPG_KEY", "PYTHON_VERSION", "PYTHON_SHA256", "PYTHON_PIP_VERSION",
+               "PYTHON_SETUPTOOLS_VERSION", "PYTHON_GET_PIP_URL", "PYTHON_GET_PIP_SHA256"},
+    "nvidia/cuda": {"PATH", "LD_LIBRARY_PATH", "LIBRARY_PATH", "NVARCH", "CUDA_VERSION", "NCCL_VERSION",
+                    "NVIDIA_REQUIRE_CUDA", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"},
+}
+BASE_IMAGE_ENV_PREFIXES = {"python": (), "nvidia/cuda": ("NV_",)}
+
+
+def base_env_problems(instructions: list[dict]) -> list[str]:
+    """ARGs named like a variable that a stage's base image sets with ENV."""
+    repos = [stage[0]["value"].split()[0].split(":")[0] for stage in stages(instructions)]
+    unknown = [repo for repo in repos if repo not in BASE_IMAGE_ENV]
+    assert not unknown, f"add the ENV names of base image {unknown[0]} to BASE_IMAGE_ENV"
+    problems = []
+    for instruction in instructions:
+        if instruction["instruction"] != "ARG":
+            continue
+        name = instruction["value"].partition("=")[0]
+        for repo in dict.fromkeys(repos):
+            if name in BASE_IMAGE_ENV[repo] or name.startswith(BASE_IMAGE_ENV_PREFIXES[repo]):
+                problems.append(f"ARG {name} is also an ENV of the base image {repo}: "
+                                "buildah and podman would use the base's value")
+    return list(dict.fromkeys(problems))
+
+
 def base_images(instructions: list[dict], versions: dict[str, str]) -> list[str]:
     """Each stage's base image with the global ARGs replaced by versions.env values."""
     declared = {i["value"].partition("=")[0] for i in instructions[: next(
@@ -258,12 +289,17 @@ def test_commands_are_exec_form_not_shell_strings(image):
 def test_base_images_follow_versions_env():
     v = VERSIONS
     assert base_images(parse(DOCKERFILES["gpu"].read_text()), v) == [
-        f"nvidia/cuda:{v['CUDA_VERSION']}-cudnn-devel-ubuntu{v['UBUNTU_VERSION']}",
-        f"nvidia/cuda:{v['CUDA_VERSION']}-base-ubuntu{v['UBUNTU_VERSION']}",
+        f"nvidia/cuda:{v['CUDA_RELEASE']}-cudnn-devel-ubuntu{v['UBUNTU_VERSION']}",
+        f"nvidia/cuda:{v['CUDA_RELEASE']}-base-ubuntu{v['UBUNTU_VERSION']}",
     ]
-    assert v["CUDA_VERSION"].startswith("12.")
+    assert v["CUDA_RELEASE"].startswith("12.")
     assert base_images(parse(DOCKERFILES["cpu"].read_text()), v) == [
-        f"python:{v['PYTHON_VERSION']}-slim-{v['DEBIAN_RELEASE']}"] * 2
+        f"python:{v['PYTHON_SERIES']}-slim-{v['DEBIAN_RELEASE']}"] * 2
+
+
+def test_no_arg_is_named_like_an_env_variable_of_the_base_image(image):
+    _, instructions = image
+    assert base_env_problems(instructions) == []
 
 
 def test_dockerignore_keeps_the_venv_and_git_out():
@@ -277,11 +313,11 @@ def test_dockerignore_keeps_the_venv_and_git_out():
 # The checks themselves, against broken Dockerfiles.
 
 GOOD = f"""\
-ARG PYTHON_VERSION={VERSIONS['PYTHON_VERSION']}
-FROM python:${{PYTHON_VERSION}}-slim AS builder
+ARG PYTHON_SERIES={VERSIONS['PYTHON_SERIES']}
+FROM python:${{PYTHON_SERIES}}-slim AS builder
 COPY docker/install_python.sh /opt/hvdclip/docker/
 RUN bash /opt/hvdclip/docker/install_python.sh /opt/venv/bin/python --gpu
-FROM python:${{PYTHON_VERSION}}-slim AS runtime
+FROM python:${{PYTHON_SERIES}}-slim AS runtime
 COPY docker/install_python.sh /opt/hvdclip/docker/
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \\
     python -m venv /opt/venv && bash /opt/hvdclip/docker/install_python.sh /opt/venv/bin/python --gpu && true
@@ -298,9 +334,9 @@ def test_the_good_example_passes_every_check():
 
 
 def test_arg_check_catches_drift_unknown_names_and_missing_defaults():
-    text = "ARG CUDA_VERSION=11.8.0\nARG FANCY_VERSION=1\nARG UBUNTU_VERSION\nFROM scratch\n"
+    text = "ARG CUDA_RELEASE=11.8.0\nARG FANCY_VERSION=1\nARG UBUNTU_VERSION\nFROM scratch\n"
     assert arg_problems(parse(text), VERSIONS) == [
-        f"ARG CUDA_VERSION defaults to '11.8.0', versions.env has {VERSIONS['CUDA_VERSION']!r}",
+        f"ARG CUDA_RELEASE defaults to '11.8.0', versions.env has {VERSIONS['CUDA_RELEASE']!r}",
         "ARG FANCY_VERSION is not a versions.env key",
         "ARG UBUNTU_VERSION has no default",
     ]
@@ -345,5 +381,130 @@ def test_exec_form_check_catches_shell_form_and_shell_strings():
 
 
 def test_base_image_check_needs_global_args():
-    with pytest.raises(AssertionError, match="CUDA_VERSION, which no ARG before the first FROM declares"):
-        base_images(parse("FROM nvidia/cuda:${CUDA_VERSION}-base-ubuntu22.04\nARG CUDA_VERSION=1\n"), VERSIONS)
+    with pytest.raises(AssertionError, match="CUDA_RELEASE, which no ARG before the first FROM declares"):
+        base_images(parse("FROM nvidia/cuda:${CUDA_RELEASE}-base-ubuntu22.04\nARG CUDA_RELEASE=1\n"), VERSIONS)
+
+
+def test_base_env_check_catches_the_official_images_variables():
+    text = ("ARG PYTHON_VERSION=3.11\nFROM python:${PYTHON_VERSION}-slim\nARG PYTHON_VERSION\n"
+            "FROM nvidia/cuda:12.5.1-base-ubuntu22.04\nARG NCCL_VERSION=2.22.3\nARG NV_CUDNN_VERSION\n"
+            "ARG CUDNN_MAJOR=9\n")
+    assert base_env_problems(parse(text)) == [
+        f"ARG {name} is also an ENV of the base image {repo}: buildah and podman would use the base's value"
+        for name, repo in (("PYTHON_VERSION", "python"), ("NCCL_VERSION", "nvidia/cuda"),
+                           ("NV_CUDNN_VERSION", "nvidia/cuda"))]
+    with pytest.raises(AssertionError, match="add the ENV names of base image ubuntu"):
+        base_env_problems(parse("FROM ubuntu:22.04\nARG X=1\n"))
+
+
+# docker/cuda_toolkit.sh: which CUDA toolkit and NCCL the GPU build uses, with fake toolkits.
+
+TOOLKIT_SCRIPT = ROOT / "docker" / "cuda_toolkit.sh"
+
+
+def fake_toolkit(root: Path, cuda: str, nccl: bool = False) -> Path:
+    """A directory that looks like a CUDA toolkit of version `cuda` ("12.5") to the script."""
+    major, minor = cuda.split(".")
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    nvcc = root / "bin" / "nvcc"
+    # nvcc reports its toolkit root in a dry run (the script asks it, as nvcc may be a wrapper).
+    nvcc.write_text(f"#!/bin/sh\ncase \"$*\" in *--dryrun*) echo '#$ TOP={root}/bin/..' >&2;; "
+                    f"*) echo 'Cuda compilation tools, release {cuda}, V{cuda}.1';; esac\n")
+    nvcc.chmod(0o755)
+    (root / "include" / "cuda_runtime_api.h").write_text(f"#define CUDART_VERSION {int(major) * 1000 + int(minor) * 10}\n")
+    if nccl:
+        (root / "include" / "nccl.h").write_text("\n")
+    return root
+
+
+def fake_python(tmp_path: Path, site: Path) -> Path:
+    """Stands in for the venv's python: the script only asks it for site-packages."""
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\necho {site}\n")
+    python.chmod(0o755)
+    return python
+
+
+def wheel_nccl(site: Path) -> Path:
+    nccl = site / "nvidia" / "nccl"
+    (nccl / "include").mkdir(parents=True)
+    (nccl / "lib").mkdir()
+    (nccl / "include" / "nccl.h").write_text("\n")
+    (nccl / "lib" / "libnccl.so.2").write_text("")
+    return nccl
+
+
+def run_toolkit(tmp_path: Path, python: Path, path_dirs: list[Path] = (), **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "HVDCLIP_CUDA_FROM_PYPI",
+                                                                "HOROVOD_BUILD_CUDA_CC_LIST")}
+    # Only the fake nvcc, if any, on PATH: the build machine has a CUDA 13 nvcc of its own.
+    environ["PATH"] = ":".join([*map(str, path_dirs), "/usr/bin", "/bin"])
+    environ["HVDCLIP_CUDA_CACHE"] = str(tmp_path / "cache")
+    environ.update(env)
+    return subprocess.run(["bash", str(TOOLKIT_SCRIPT), str(python)], env=environ, capture_output=True,
+                          text=True, timeout=60)
+
+
+def settings(result: subprocess.CompletedProcess) -> dict[str, str]:
+    assert result.returncode == 0, result.stderr
+    return dict(line.split("=", 1) for line in result.stdout.splitlines())
+
+
+def test_toolkit_a_system_cuda_12_with_its_nccl_is_used_as_is(tmp_path):
+    cuda = fake_toolkit(tmp_path / "cuda-12.5", "12.5", nccl=True)
+    python = fake_python(tmp_path, tmp_path / "site")
+    found = settings(run_toolkit(tmp_path, python, CUDA_HOME=str(cuda)))
+    assert found == {
+        "HOROVOD_CUDA_HOME": str(cuda),
+        "HOROVOD_BUILD_CUDA_CC_LIST": VERSIONS["CUDA_CC_LIST"],
+        "HOROVOD_NCCL_INCLUDE": str(cuda / "include"),
+        "HVDCLIP_CUDA_ID": f"system-cuda12.5-nvcc12.5-sm{VERSIONS['CUDA_CC_LIST'].replace(',', '_')}-ncclsystem",
+    }
+    # The same toolkit found through nvcc on PATH, here a symlink elsewhere, as nvcc reports it.
+    (tmp_path / "path").mkdir()
+    (tmp_path / "path" / "nvcc").symlink_to(cuda / "bin" / "nvcc")
+    assert settings(run_toolkit(tmp_path, python, [tmp_path / "path"]))["HOROVOD_CUDA_HOME"] == str(cuda)
+
+
+def test_toolkit_nccl_from_the_wheel_is_linked_shared_with_an_rpath(tmp_path):
+    cuda = fake_toolkit(tmp_path / "cuda", "12.4")
+    site = tmp_path / "site"
+    nccl = wheel_nccl(site)
+    found = settings(run_toolkit(tmp_path, fake_python(tmp_path, site), CUDA_HOME=str(cuda),
+                                 HOROVOD_BUILD_CUDA_CC_LIST="75,80"))
+    assert found["HOROVOD_NCCL_INCLUDE"] == str(nccl / "include")
+    assert found["HOROVOD_NCCL_LINK"] == "SHARED"
+    assert found["HVDCLIP_NCCL_RPATH"] == "$ORIGIN/../../nvidia/nccl/lib"
+    # The linker needs libnccl.so; the wheel has only libnccl.so.2.
+    assert (Path(found["HOROVOD_NCCL_LIB"]) / "libnccl.so").resolve() == nccl / "lib" / "libnccl.so.2"
+    assert found["HVDCLIP_CUDA_ID"] == "system-cuda12.4-nvcc12.4-sm75_80-ncclwheel"
+
+
+def test_toolkit_another_cuda_major_or_the_pypi_switch_takes_the_pypi_toolkit(tmp_path):
+    cuda13 = fake_toolkit(tmp_path / "cuda-13.0", "13.0", nccl=True)
+    cuda12 = fake_toolkit(tmp_path / "cuda-12.5", "12.5", nccl=True)
+    v = VERSIONS
+    # An assembled toolkit already in the cache (assembling one downloads from PyPI).
+    key = f"nvcc{v['NVIDIA_CUDA_NVCC_VERSION']}-cudart{v['NVIDIA_CUDA_RUNTIME_CU12_VERSION']}-cccl{v['NVIDIA_CUDA_CCCL_CU12_VERSION']}"
+    assembled = fake_toolkit(tmp_path / "cache" / key / "root", "12.9")
+    (assembled.parent / ".complete").touch()
+    site = tmp_path / "site"
+    wheel_nccl(site)
+    python = fake_python(tmp_path, site)
+    for result in (run_toolkit(tmp_path, python, CUDA_HOME=str(cuda13)),
+                   run_toolkit(tmp_path, python, CUDA_HOME=str(cuda12), HVDCLIP_CUDA_FROM_PYPI="1")):
+        found = settings(result)
+        assert found["HOROVOD_CUDA_HOME"] == str(assembled)
+        assert found["HVDCLIP_CUDA_ID"].startswith("pypi-cuda12.9-")
+        assert found["HOROVOD_NCCL_LINK"] == "SHARED"
+    assert "is CUDA 13.0, TensorFlow's wheels are CUDA 12; assembling a toolkit from PyPI instead" in \
+        run_toolkit(tmp_path, python, CUDA_HOME=str(cuda13)).stderr
+
+
+def test_toolkit_without_any_nccl_fails_with_a_hint(tmp_path):
+    cuda = fake_toolkit(tmp_path / "cuda", "12.5")
+    result = run_toolkit(tmp_path, fake_python(tmp_path, tmp_path / "site"), CUDA_HOME=str(cuda))
+    assert result.returncode != 0 and result.stdout == ""
+    assert "no system NCCL (nccl.h) and no nvidia-nccl-cu12 wheel" in result.stderr
+    assert "install tensorflow[and-cuda] first" in result.stderr
