@@ -7,7 +7,7 @@ a BatchNormalization layer that synchronises its batch statistics over ranks (on
 state are *rank-local by design* and are not compared (`rank_local_variables`):
 
 * the moving mean and variance of a plain `keras.layers.BatchNormalization`: each rank normalises
-  by its own batch and keeps its own statistics; `average_over_ranks` (see `hvdclip.trainer`)
+  by its own batch and keeps its own statistics; `HvdClipTrainer.average_local_statistics`
   averages them before a checkpoint, an export or an evaluation;
 * the state of each Keras `SeedGenerator` (Dropout and other random layers): the start-up
   broadcast folds the rank into it, so that each rank draws its own masks.
@@ -34,7 +34,6 @@ __all__ = [
     "signature",
     "check_same_structure",
     "weights_checksum",
-    "check_same_weights",
     "seed_generator_states",
     "local_batch_norm_statistics",
     "rank_local_variables",
@@ -115,19 +114,6 @@ def weights_checksum(variables: Sequence[tf.Variable]) -> tf.Tensor:
             bits = tf.cast(value, tf.int64)
         total += tf.reduce_sum(bits)
     return total
-
-
-def check_same_weights(checksum: tf.Tensor, step: int) -> None:
-    """Raises `RankMismatchError` on every rank if the ranks' weight checksums differ."""
-    gathered = hvd.allgather(tf.reshape(checksum, [1])).numpy()
-    if (gathered == gathered[0]).all():
-        return
-    bad = [rank for rank, value in enumerate(gathered) if value != gathered[0]]
-    raise RankMismatchError(
-        f"Ranks' weights have drifted apart by step {step}: rank(s) {bad} differ from rank 0. Something "
-        "outside hvdclip changed weights on some ranks (a per-rank callback, a non-deterministic custom "
-        "op, or a manual assign); restore from the last checkpoint."
-    )
 
 
 def _layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:

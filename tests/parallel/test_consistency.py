@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import hvdclip
 from hvdclip.distributed import bridge as horovod_bridge
+from hvdclip.distributed import collectives
 from support import allgather, checksum, make_data, make_mlp
 
 
@@ -51,7 +52,7 @@ def test_fit_from_different_initial_weights_broadcasts_once(world, monkeypatch):
         calls.append(len(variables))
         return real_broadcast(variables, root_rank)
 
-    monkeypatch.setattr(horovod_bridge.hvd, "broadcast_variables", counting_broadcast)
+    monkeypatch.setattr(collectives.hvd, "broadcast_variables", counting_broadcast)
     model = make_mlp(seed=rank + 1)  # Different random weights on each rank.
     before = allgather(checksum(model.variables))
     optimizer = keras.optimizers.SGD(0.05, momentum=0.9)

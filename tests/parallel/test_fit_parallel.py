@@ -51,7 +51,9 @@ def test_each_rank_trains_on_its_own_disjoint_shard_every_epoch(world):
     seen = record_batches(trainer)
     trainer.fit(id_dataset(64), epochs=2, batch_size=8, shuffle_buffer=64, verbose=0)
     ids = allgather(np.array(seen).reshape(2, -1))  # [rank, epoch, ids of the epoch]
-    weights = allgather(checksum(trainer.model.variables))
+    # Dropout's seed state is each rank's own by design; everything else must be identical.
+    seeds = {id(v) for v in consistency.seed_generator_states(trainer.model)}
+    weights = allgather(checksum([v for v in trainer.model.variables if id(v) not in seeds]))
 
     for epoch in range(2):
         assert sorted(np.concatenate([ids[0, epoch], ids[1, epoch]])) == list(range(64)), f"epoch {epoch} is not a partition"
