@@ -134,6 +134,7 @@ def main() -> None:
     known, unknown = flag_overhead()
     step, average = averaging_cost()
     files, elements = sharding_cost(directory)
+    hvd.allreduce(tf.constant(0.0), name="bench_done")  # Every rank has finished reading before rank 0 deletes.
     if hvd.rank() == 0:
         shutil.rmtree(directory, ignore_errors=True)
         print(f"| measurement (2 ranks, {hvd.size()} processes, CPU) | A | B | B / A |")

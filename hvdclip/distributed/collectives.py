@@ -69,8 +69,8 @@ def average_variables_over_ranks(variables: Sequence, name: str) -> None:
 def all_have_data(has_data: tf.Tensor) -> tf.Tensor:
     """Whether every rank has data for another step: a bool scalar, the same on every rank.
 
-    Graph-friendly: `fit`'s compiled step calls it, so Horovod negotiates it in the same cycle as
-    the step's gradient allreduce, with no extra round trip from Python.
+    Graph-friendly: an accumulation micro-step of `fit` (which has no gradient allreduce for the
+    flag to ride in) calls it inside its compiled function.
     """
     vote = hvd.allreduce(tf.cast(has_data, tf.int32), op=hvd.Min, name="hvdclip_all_have_data")
     return tf.greater(vote, 0)

@@ -9,8 +9,8 @@ Every collective here (step allreduces, epoch means, validation, the stop vote) 
 number of times on every rank, because every rank runs the same steps. When every rank knows its
 shard's length, the ranks agree on the shortest at the start. When some rank does not (a generator,
 TFRecord files), each rank fetches the next batch *before* the step and hands the step a has-data
-flag; the compiled step allreduces the flags together with the gradient, and when any rank has no
-next batch every rank ends the epoch after that step. Rank 0 then warns with each rank's count.
+flag; the flag rides in the step's own gradient allreduce, and when any rank has no next batch
+every rank ends the epoch after that step. Rank 0 then warns with each rank's count.
 
 A step is the next batch and one call of the trainer's compiled step, which also advances the step
 counters and adds the metrics to the epoch's sums: besides taking the batch, `fit` runs no

@@ -133,6 +133,8 @@ class HvdClipTrainer:
         self._guarded: list[tuple[str, tf.Variable]] = []  # What the consistency guard compares (set by `start`).
         self._compiled_checksums = tf.function(lambda: consistency.variable_checksums([v for _, v in self._guarded]))
         self.fit_state = FitState()  # fit's step/epoch counters and shuffle RNG, broadcast and checkpointed.
+        # Stands for the has-data flag among the variables the gradient reduction names; never applied.
+        self._has_data_slot = tf.Variable(0.0, trainable=False, name="hvdclip_has_data_slot")
 
     # ------------------------------------------------------------------ start-up
 
@@ -234,20 +236,38 @@ class HvdClipTrainer:
             metric.update_state(y, y_pred, sample_weight=sample_weight)
         return loss, tape.gradient(scaled_loss, as_tf_variables(self.model.trainable_variables))
 
-    def _step(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, tf.Tensor]:
+    def _core_step(self, local: list, has_data: Any) -> dict[str, tf.Tensor]:
+        """`Clipper.step` on the local gradient; with `has_data`, the flag rides in its allreduce.
+
+        The flag (1.0 or 0.0) joins the gradients as one more float, so the ranks agree whether
+        every one has a next batch in the step's own allreduce: no extra collective per step. The
+        stages are `Clipper.step`'s, in its order.
+        """
+        variables = self.model.trainable_variables
+        if has_data is None:
+            return self.clipper.step(local, variables)
+        flag = tf.cast(has_data, tf.float32)
+        reduced = self.clipper.reduce(list(local) + [flag], list(variables) + [self._has_data_slot])
+        self.fit_state.all_have_data.assign(reduced[-1] > 0.999)  # The mean of the flags is 1 only if all are.
+        clipped = self.clipper.clip(self.clipper.unscale(reduced[:-1]), variables)
+        return {**clipped.metrics, "skipped": self.clipper.apply(clipped, variables)}
+
+    def _step(self, x: Any, y: Any, sample_weight: Any = None, has_data: Any = None) -> dict[str, tf.Tensor]:
         """One optimizer step: local gradient, then the core step."""
         loss, local = self._local_gradients(x, y, sample_weight)
-        return {"loss": loss, **self.clipper.step(local, self.model.trainable_variables)}
+        return {"loss": loss, **self._core_step(local, has_data)}
 
-    def _accumulate(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, tf.Tensor]:
-        """A micro-batch before the last of an accumulation window: local work only, no collective."""
+    def _accumulate(self, x: Any, y: Any, sample_weight: Any = None, has_data: Any = None) -> dict[str, tf.Tensor]:
+        """A micro-batch before the last of an accumulation window: local work only (and the has-data vote)."""
         loss, grads = self._local_gradients(x, y, sample_weight)
         for accumulator, grad in zip(self._accumulators, grads):
             if grad is not None:
                 accumulator.assign_add(tf.convert_to_tensor(grad))
+        if has_data is not None:  # No gradient allreduce to ride in: a one-scalar allreduce of its own.
+            self.fit_state.all_have_data.assign(all_have_data(has_data))
         return {"loss": loss}
 
-    def _accumulated_step(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, tf.Tensor]:
+    def _accumulated_step(self, x: Any, y: Any, sample_weight: Any = None, has_data: Any = None) -> dict[str, tf.Tensor]:
         """The window's last micro-batch: the mean of the k local gradients goes through the core step."""
         loss, grads = self._local_gradients(x, y, sample_weight)
         k = float(self._accumulation_steps)
@@ -257,16 +277,14 @@ class HvdClipTrainer:
         ]
         for accumulator in self._accumulators:
             accumulator.assign(tf.zeros_like(accumulator))
-        return {"loss": loss, **self.clipper.step(means, self.model.trainable_variables)}
+        return {"loss": loss, **self._core_step(means, has_data)}
 
     def _recorded(self, step: Callable) -> Callable:
         """`step`, then `FitState.record_step` (count it, sum its metrics), to compile as one function."""
 
         def recorded(x: Any, y: Any, sample_weight: Any = None, has_data: Any = None) -> dict[str, tf.Tensor]:
-            metrics = step(x, y, sample_weight)
+            metrics = step(x, y, sample_weight, has_data)
             self.fit_state.record_step(metrics)
-            if has_data is not None:  # Traced in the same graph, so negotiated with the step's allreduce.
-                self.fit_state.all_have_data.assign(all_have_data(has_data))
             return metrics
 
         return recorded
