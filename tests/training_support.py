@@ -109,3 +109,50 @@ def state_values(trainer: hvdclip.HvdClipTrainer) -> list[np.ndarray]:
 
 def same_values(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def batch_norm_cnn(seed: int, blocks: int = 6, name: str = "bn_cnn") -> keras.Model:
+    """A small CNN with a BatchNormalization after each of `blocks` convolutions (ResNet's pattern)."""
+    init = lambda offset: keras.initializers.HeNormal(seed=seed * 100 + offset)  # noqa: E731
+    inputs = keras.Input((8, 8, 3))
+    x = inputs
+    for block in range(blocks):
+        x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, kernel_initializer=init(block))(x)
+        x = keras.layers.BatchNormalization(momentum=0.9)(x)
+        x = keras.layers.Activation("relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(1, kernel_initializer=init(99))(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def images(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """`n` random 8x8x3 images with a regression target; `seed` shifts the input's mean and scale."""
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(n, 8, 8, 3)) * (1.0 + seed) + seed).astype("float32")
+    y = x.mean(axis=(1, 2, 3))[:, None].astype("float32")
+    return x, y
+
+
+def write_records(directory: str, files: int, per_file: int) -> list[str]:
+    """`files` TFRecord files of `per_file` records; record i of file f is the bytes 'f-i'."""
+    import os
+
+    names = []
+    for f in range(files):
+        name = os.path.join(directory, f"part-{f}.tfrecord")
+        with tf.io.TFRecordWriter(name) as writer:
+            for i in range(per_file):
+                writer.write(f"{f}-{i}".encode())
+        names.append(name)
+    return names
+
+
+def parsed_records(names: list[str]) -> tf.data.Dataset:
+    """(x, y) examples from `write_records` files: x = [file, index, 0, ..., 0] (8 features), y = file + index."""
+
+    def parse(record):
+        parts = tf.strings.to_number(tf.strings.split(record, "-"), tf.float32)
+        x = tf.concat([parts, tf.zeros([6])], axis=0)
+        return x, tf.reshape(parts[0] + parts[1], [1])
+
+    return tf.data.TFRecordDataset(names).map(parse)

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import horovod.tensorflow as hvd
 import keras
+import numpy as np
 import tensorflow as tf
 
 from hvdclip.distributed import consistency
@@ -81,6 +82,26 @@ def _checked_named_variables(name: str, value: Any) -> list[tuple[str, tf.Variab
     ):
         raise TypeError(f"`{name}` must be a list of (name, tf.Variable) pairs. Received: {name}={value!r}")
     return pairs
+
+
+# An odd 31-bit constant (the golden ratio's): rank r's seeds are rank 0's plus r times it.
+_RANK_SEED_STRIDE = 0x5E3779B1
+
+
+def _fold_rank_into_seed_generators(model: keras.Model, rank: int) -> None:
+    """Makes each rank's random layers draw their own numbers, from the one broadcast seed plus the rank.
+
+    A Keras `SeedGenerator`'s state is `[seed, counter]`, and each draw advances only the counter.
+    Offsetting `seed` by the rank gives each rank its own stream; the counters advance alike on
+    every rank, so rank r's state is always rank 0's with the same offset, and a restore (rank 0's
+    state, broadcast, then folded again) continues every rank's stream exactly.
+    """
+    if rank == 0:
+        return
+    for state in consistency.seed_generator_states(model):
+        value = np.array(state.numpy(), dtype=np.int64)
+        value[0] = (value[0] + rank * _RANK_SEED_STRIDE) % (2**31 - 1)  # Stays a valid int32 seed; 2**31 - 1 is prime.
+        state.assign(value.astype(state.numpy().dtype))
 
 
 class Clipper:
@@ -176,7 +197,10 @@ class Clipper:
 
         Sends the model's variables (weights and, e.g., BatchNorm statistics), the optimizer's,
         the clip state, the skip counters and `extra` (named variables of the caller's, such as a
-        loop's counters). Call it on every rank, once, before the first step.
+        loop's counters). Then each rank folds its rank into the model's seed-generator states, so
+        Dropout and other random layers draw different masks on each rank (rank 0 keeps rank 0's
+        state, so a checkpoint holds the broadcast seed). Call it on every rank, once, before the
+        first step.
 
         Raises:
             RankMismatchError: on every rank, if ranks built different models or optimizers
@@ -198,6 +222,7 @@ class Clipper:
             # A structure mismatch would make the broadcast hang or silently mis-assign: check first.
             consistency.check_same_structure(named)
             collectives.broadcast_from_root([variable for _, variable in named])
+        _fold_rank_into_seed_generators(model, hvd.rank())
         self.broadcast_count += 1
 
     # ------------------------------------------------------------------ the step, in order

@@ -15,7 +15,16 @@ import tensorflow as tf
 
 from hvdclip.distributed.bridge import as_tf_variables
 
-__all__ = ["broadcast_from_root", "agree_any", "agree_min", "sum_over_ranks", "sum_variables_over_ranks", "allgather_int64"]
+__all__ = [
+    "broadcast_from_root",
+    "agree_any",
+    "agree_min",
+    "sum_over_ranks",
+    "sum_variables_over_ranks",
+    "average_variables_over_ranks",
+    "allgather_int64",
+    "all_have_data",
+]
 
 
 def broadcast_from_root(variables: Sequence, root_rank: int = 0) -> None:
@@ -58,6 +67,26 @@ def sum_variables_over_ranks(variables: Sequence, name: str) -> None:
     """Replaces each variable (e.g. a Keras metric's state) by its sum over ranks, in place."""
     for index, variable in enumerate(as_tf_variables(variables)):
         variable.assign(sum_over_ranks(variable.value(), f"{name}_{index}"))
+
+
+def average_variables_over_ranks(variables: Sequence, name: str) -> None:
+    """Replaces each variable (e.g. BatchNorm moving statistics) by its mean over ranks, in place (one grouped allreduce)."""
+    variables = as_tf_variables(variables)
+    if not variables:
+        return
+    means = hvd.grouped_allreduce([v.value() for v in variables], op=hvd.Average, name=f"hvdclip_mean_{name}")
+    for variable, mean in zip(variables, means):
+        variable.assign(mean)
+
+
+def all_have_data(has_data: tf.Tensor) -> tf.Tensor:
+    """Whether every rank has data for another step: a bool scalar, the same on every rank.
+
+    Graph-friendly: an accumulation micro-step of `fit` (which has no gradient allreduce for the
+    flag to ride in) calls it inside its compiled function.
+    """
+    vote = hvd.allreduce(tf.cast(has_data, tf.int32), op=hvd.Min, name="hvdclip_all_have_data")
+    return tf.greater(vote, 0)
 
 
 def allgather_int64(values, name: str) -> np.ndarray:

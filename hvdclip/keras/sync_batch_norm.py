@@ -41,6 +41,10 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         >>> x = hvdclip.SyncBatchNormalization(momentum=0.9)(x)
     """
 
+    # Its moving statistics are the same on every rank: the consistency guard compares them and
+    # checkpoints need not average them (hvdclip.distributed.consistency.rank_local_variables).
+    synchronized_over_ranks = True
+
     def __init__(self, *args, synchronized: bool = False, **kwargs) -> None:
         del synchronized  # tf.distribute's switch; `ops.moments(synchronized=True)` would change the math at size 1.
         super().__init__(*args, **kwargs)

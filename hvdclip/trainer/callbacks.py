@@ -169,7 +169,7 @@ class ProgressBar(Callback):
             return
         values = self._values(logs)
         values += [(name, value) for name, value in logs.items() if name.startswith("val_")]
-        self._bar.update(self.params["steps"], values, finalize=True)
+        self._bar.update(self._done, values, finalize=True)  # The steps run: `steps` is None for data of unknown length.
         self._bar = None
 
     def _values(self, means: Mapping[str, float]) -> list[tuple[str, float]]:

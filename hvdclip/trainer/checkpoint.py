@@ -1,7 +1,9 @@
 """Checkpoints of a trainer's whole state, written by rank 0 with `tf.train.CheckpointManager`.
 
 A checkpoint holds exactly what the start-up broadcast sends, in the same order: the model's
-variables (weights, and the seed state of layers such as `Dropout`), the optimizer's (iteration
+variables (weights, plain BatchNormalization's moving statistics averaged over ranks just before
+the save, and rank 0's seed state of layers such as `Dropout`, from which the start-up broadcast
+derives every rank's), the optimizer's (iteration
 count, learning rate, slots), the clip transform's state, and the counters (skipped steps, `fit`'s
 step and epoch counters and its shuffle RNG). Variables are stored by position, not by Keras'
 auto-generated names ("dense_3"), so a checkpoint restores into a freshly built copy of the model
@@ -147,6 +149,9 @@ class CheckpointSaver(Callback):
         self._save(int(self.trainer.global_step.numpy()))
 
     def _save(self, step: int) -> None:
+        # Plain BatchNormalization's rank-local moving statistics: save their mean over ranks (on
+        # every rank, so a resumed run continues from exactly the state the others continue from).
+        self.trainer.average_local_statistics()
         # Every rank waits for rank 0's write, so a failed write raises everywhere instead of hanging.
         saved = on_rank_zero(lambda: self._manager.save(checkpoint_number=step), name="checkpoint_save")
         self.saved.append(saved)

@@ -2,7 +2,18 @@
 
 The order is shard -> shuffle -> batch. Sharding first means the shards are disjoint whatever the
 shuffle seeds are, as long as every rank builds the *same* dataset in the same order (a fixed
-file list, or a `shuffle` with a fixed seed). Shuffling after sharding reorders each rank's own
+file list, or a `shuffle` with a fixed seed); `fit` compares a fingerprint of the first elements
+over ranks and warns when they differ.
+
+How to shard (`shard=`):
+
+* `"files"`: each rank reads every `size`-th file (tf.data's FILE auto-shard rewrite, which puts
+  the shard right after the file list). Each rank reads and parses only its own files.
+* `"elements"` (or `True`, its old spelling): each rank keeps every `size`-th element. Every rank
+  still reads and parses the whole dataset, `size` times the I/O in all.
+* `"auto"` (the default): `"files"` when the dataset reads files and has at least as many as
+  ranks; otherwise `"elements"`, with a warning if the dataset reads files (too few to split).
+* `False`: no sharding; each rank already reads its own part. Shuffling after sharding reorders each rank's own
 part every epoch, with a seed drawn from the trainer's checkpointed RNG. (`tf.data` combines that
 seed with TensorFlow's global seed, so a resumed job must set the global seed as the original did,
 which running the same script does.)
@@ -10,15 +21,97 @@ which running the same script does.)
 
 from __future__ import annotations
 
+import hashlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
+from tensorflow.python.data.experimental.ops.distribute import _AutoShardDataset  # tf.distribute's rewrite.
 
-from hvdclip.validation import check_bool, check_int, check_number
+from hvdclip.distributed.collectives import agree_any, allgather_int64
+from hvdclip.validation import check_int, check_number
 
-__all__ = ["InputPlan", "batch_size_of", "check_batch", "check_class_weight"]
+__all__ = ["InputPlan", "EpochLength", "SHARD_MODES", "check_shard", "batch_size_of", "check_batch", "check_class_weight"]
+
+SHARD_MODES = ("auto", "files", "elements", False)
+# How many leading elements `fit` fingerprints to see whether every rank built the same dataset.
+_FINGERPRINT_ELEMENTS = 8
+
+
+def check_shard(shard: Any) -> str | bool:
+    """Validates `shard`; `True` (the old default) means `"elements"`."""
+    if shard is True:
+        return "elements"
+    if not any(shard is mode or (isinstance(shard, str) and shard == mode) for mode in SHARD_MODES):
+        error = ValueError if isinstance(shard, str) else TypeError
+        raise error(f"`shard` must be 'auto', 'files', 'elements' or False (True means 'elements'). Received: shard={shard!r}")
+    return shard
+
+
+def _by_file(dataset: tf.data.Dataset, size: int, rank: int) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.FILE
+    return _AutoShardDataset(dataset.with_options(options), size, rank)
+
+
+def _can_shard_by_file(dataset: tf.data.Dataset, size: int, rank: int) -> bool:
+    """Whether tf.data can give this rank its own files: the dataset reads files, at least `size` of them.
+
+    Reads at most one element (the rewrite is checked when the first element is fetched).
+    """
+    try:
+        for _ in _by_file(dataset, size, rank).take(1):
+            pass
+    except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError):
+        return False
+    return True
+
+
+def _reads_files(dataset: tf.data.Dataset) -> bool:
+    """Whether the dataset's graph has a file reader (TFRecord, text lines, fixed-length records)."""
+    graph = tf.compat.v1.GraphDef()
+    graph.ParseFromString(dataset._as_serialized_graph().numpy())
+    ops = {node.op for node in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+    return any(op.startswith(("TFRecordDataset", "TextLineDataset", "FixedLengthRecordDataset")) for op in ops)
+
+
+def _fingerprint(dataset: tf.data.Dataset) -> int:
+    """A 63-bit hash of the bytes of the dataset's first few elements."""
+    digest = hashlib.sha256()
+    for element in dataset.take(_FINGERPRINT_ELEMENTS):
+        for leaf in tf.nest.flatten(element):
+            digest.update(np.ascontiguousarray(leaf.numpy()).tobytes())
+    return int(np.frombuffer(digest.digest()[:8], dtype=np.int64)[0] & 0x7FFFFFFFFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class EpochLength:
+    """How long `fit`'s epochs are, as every rank agreed at the start.
+
+    Attributes:
+        steps: steps per epoch; None when the epoch ends only when some rank runs out of data.
+        watch: each step carries this rank's has-data flag, and the epoch ends on every rank
+            at the step after which some rank has no batch (some rank's length is unknown).
+        counts: each rank's number of batches per epoch (negative: unknown or infinite).
+    """
+
+    steps: int | None
+    watch: bool
+    counts: list[int] = field(default_factory=list)
+
+    def warn_if_uneven(self) -> None:
+        """Warns with each rank's count when known counts differ (call it on rank 0 only)."""
+        if self.watch or len(set(self.counts)) <= 1:
+            return
+        shown = ", ".join(f"rank {rank}: {count}" for rank, count in enumerate(self.counts))
+        warnings.warn(
+            f"The ranks' shards of `dataset` have different numbers of batches ({shown}). Every rank runs "
+            f"{self.steps} steps per epoch, the shortest shard's, so the longer shards' last batches are "
+            "skipped each epoch; a dataset that splits evenly uses them all.",
+            stacklevel=4,
+        )
 
 
 @dataclass(frozen=True)
@@ -28,8 +121,9 @@ class InputPlan:
     Attributes:
         dataset: what the user passed: `(x, y)` batches, or single examples when `batch_size` is set.
         rank, size: this rank and the number of ranks.
-        shard: keep every `size`-th element, starting at `rank`; False when each rank already
-            reads its own part.
+        shard: `"files"` (each rank reads every `size`-th file), `"elements"` (each rank keeps every
+            `size`-th element), `"auto"` (decided by `resolved`) or False (each rank already reads
+            its own part).
         batch_size: batch single examples into batches of this many, per rank; None when
             `dataset` is already batched.
         drop_remainder: drop each rank's last, smaller batch (training: every step has the same
@@ -41,13 +135,13 @@ class InputPlan:
     dataset: tf.data.Dataset
     rank: int
     size: int
-    shard: bool = True
+    shard: str | bool = "auto"
     batch_size: int | None = None
     drop_remainder: bool = True
     shuffle_buffer: int | None = None
 
     @classmethod
-    def checked(cls, argument: str, dataset: Any, *, rank: int, size: int, shard: Any = True,
+    def checked(cls, argument: str, dataset: Any, *, rank: int, size: int, shard: Any = "auto",
                 batch_size: Any = None, drop_remainder: bool = True, shuffle_buffer: Any = None) -> InputPlan:
         """Validates the user's arguments (`argument` is the dataset's parameter name)."""
         what = "(x, y) or (x, y, sample_weight) " + ("examples" if batch_size is not None else "batches")
@@ -57,7 +151,7 @@ class InputPlan:
             raise ValueError(f"`{argument}` must be a tf.data.Dataset of {what}. Received: {argument}={dataset!r}")
         if int(dataset.cardinality()) == 0:
             raise ValueError(f"`{argument}` must not be empty. Received: {argument}={dataset!r}")
-        check_bool("shard", shard)
+        shard = check_shard(shard)
         if batch_size is not None:
             check_int("batch_size", batch_size, ge=1)
         if shuffle_buffer is not None:
@@ -67,7 +161,9 @@ class InputPlan:
     def for_epoch(self, seed: int = 0) -> tf.data.Dataset:
         """This rank's batches for one epoch; `seed` reseeds the shuffle (same seed, same order)."""
         dataset = self.dataset
-        if self.shard and self.size > 1:
+        if self.size > 1 and self.shard == "files":
+            dataset = _by_file(dataset, self.size, self.rank)
+        elif self.size > 1 and self.shard:  # "elements" ("auto" before `resolved` counts as elements).
             dataset = dataset.shard(self.size, self.rank)
         if self.shuffle_buffer is not None:
             dataset = dataset.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
@@ -82,23 +178,54 @@ class InputPlan:
             return element[0]
         raise ValueError("`dataset` is empty, so there is nothing to train or evaluate on.")
 
-    def warn_if_uneven(self) -> None:
-        """Warns when the ranks' shards differ in length (call it on one rank only).
+    def resolved(self, argument: str = "dataset") -> InputPlan:
+        """This plan with `"auto"` decided as `"files"` or `"elements"`, the same on every rank.
 
-        Every rank runs the shortest shard's number of steps, or an allreduce would wait forever,
-        so the longer shards' last elements are skipped each epoch.
+        A collective (call it on every rank): ranks agree whether each can take its own files.
+
+        Raises:
+            ValueError: on every rank, for `shard="files"` when the dataset does not read files
+                or has fewer files than ranks.
         """
-        total = int(self.dataset.cardinality())
-        if not self.shard or self.size == 1 or total < 0 or total % self.size == 0:
+        if self.size == 1 or self.shard in (False, "elements"):
+            return self
+        by_file = not agree_any(not _can_shard_by_file(self.dataset, self.size, self.rank), f"shard_{argument}")
+        if by_file:
+            return replace(self, shard="files")
+        if self.shard == "files":
+            raise ValueError(
+                f"`shard='files'` needs `{argument}` to read files (TFRecordDataset, TextLineDataset, ...), at "
+                f"least one per rank ({self.size}); it does not, or has fewer files. Use shard='elements', or write "
+                f"the data into at least {self.size} files. Received: shard='files'"
+            )
+        if self.rank == 0 and _reads_files(self.dataset):
+            warnings.warn(
+                f"`{argument}` reads fewer files than there are ranks ({self.size}), so it is sharded by element: "
+                f"every rank reads and parses every file ({self.size}x the I/O). Write the data into at least "
+                f"{self.size} files (a multiple of {self.size} balances them) to shard by file.",
+                stacklevel=4,
+            )
+        return replace(self, shard="elements")
+
+    def warn_if_orders_differ(self) -> None:
+        """Warns on rank 0 when the ranks' datasets start with different elements (one allgather).
+
+        Sharding assumes every rank builds the same dataset in the same order; an unseeded
+        `shuffle` (or `list_files` with its default shuffle) before `fit` breaks that, and the
+        ranks' shards then overlap while some elements are never used.
+        """
+        if self.size == 1 or not self.shard:
             return
-        unit = "examples" if self.batch_size is not None else "batches"
-        short, extra = divmod(total, self.size)
-        warnings.warn(
-            f"`dataset` has {total} {unit}, which {self.size} ranks cannot split evenly: {extra} rank(s) get "
-            f"{short + 1} and the others {short}. Every rank runs as many steps as the shortest shard allows, "
-            f"so up to {extra} {unit} are skipped each epoch; a length divisible by {self.size} uses them all.",
-            stacklevel=4,
-        )
+        prints = allgather_int64([_fingerprint(self.dataset)], "dataset_fingerprint")
+        if self.rank == 0 and len(set(prints.tolist())) > 1:
+            different = [rank for rank, value in enumerate(prints) if value != prints[0]]
+            warnings.warn(
+                f"The ranks' `dataset`s start with different elements (rank(s) {different} differ from rank 0), so "
+                "their shards overlap and some elements are never used. Is there an unseeded `shuffle` (or "
+                "`list_files`, which shuffles by default) before `fit`? Give it a seed, e.g. "
+                "dataset.shuffle(n, seed=42), or let `fit` shuffle (`shuffle_buffer=`), which shuffles after sharding.",
+                stacklevel=4,
+            )
 
 
 def check_class_weight(class_weight: Any) -> tf.Tensor | None:

@@ -56,6 +56,7 @@ class Evaluator:
 
     def __call__(self, batches: tf.data.Dataset) -> dict[str, float]:
         """Evaluates this rank's `batches`, then combines all ranks (a collective: call on every rank)."""
+        self.trainer.average_local_statistics()  # Inference reads the moving statistics: every rank's, not one's.
         for metric in self.metrics:
             metric.reset_state()
         loss_sum = tf.constant(0.0, tf.float64)

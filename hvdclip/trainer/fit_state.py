@@ -31,6 +31,8 @@ class FitState:
         resume_pending: `restore` loaded a checkpoint; the next `fit` continues from it.
         epoch_sums: this rank's sums of the step metrics of the epoch so far. Not broadcast nor
             checkpointed: the means of an epoch resumed mid-way are over the steps run since.
+        all_have_data: whether every rank held a batch for the next step, as the last step that
+            carried `has_data` agreed (data of unknown length). Scratch, like `epoch_sums`.
     """
 
     def __init__(self) -> None:
@@ -44,6 +46,8 @@ class FitState:
         self.seed_generator = keras.random.SeedGenerator(name="hvdclip_shuffle_seed_generator")
         self.resume_pending = False
         self.epoch_sums = StepSums()
+        # Whether every rank had a batch for the next step, agreed inside the last compiled step.
+        self.all_have_data = tf.Variable(True, trainable=False, name="hvdclip_all_have_data")
 
     @property
     def variables(self) -> list[tf.Variable]:

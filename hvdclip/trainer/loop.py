@@ -6,7 +6,11 @@ Per epoch, on every rank, in lock-step:
     -> validation over all ranks' shards -> callbacks -> agree whether to stop
 
 Every collective here (step allreduces, epoch means, validation, the stop vote) runs the same
-number of times on every rank, because every rank runs the agreed number of steps.
+number of times on every rank, because every rank runs the same steps. When every rank knows its
+shard's length, the ranks agree on the shortest at the start. When some rank does not (a generator,
+TFRecord files), each rank fetches the next batch *before* the step and hands the step a has-data
+flag; the flag rides in the step's own gradient allreduce, and when any rank has no next batch
+every rank ends the epoch after that step. Rank 0 then warns with each rank's count.
 
 A step is the next batch and one call of the trainer's compiled step, which also advances the step
 counters and adds the metrics to the epoch's sums: besides taking the batch, `fit` runs no
@@ -15,12 +19,13 @@ TensorFlow op per step (callbacks given by the user may).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import tensorflow as tf
 
 from hvdclip.distributed import runtime
-from hvdclip.distributed.collectives import agree_any, sum_variables_over_ranks
+from hvdclip.distributed.collectives import agree_any, agree_min, allgather_int64, sum_variables_over_ranks
 from hvdclip.distributed.watchdog import default_watchdog
 from hvdclip.trainer.callbacks import CallbackList, ProgressBar
 from hvdclip.trainer.data import InputPlan, batch_size_of, check_class_weight, with_class_weight
@@ -68,10 +73,15 @@ def fit(
     class_weights = check_class_weight(class_weight)
     verbose = check_int("verbose", verbose, ge=0, le=2)
 
+    plan = plan.resolved("dataset")
+    if validation is not None:
+        validation = validation.resolved("validation_data")
+    plan.warn_if_orders_differ()
     with default_watchdog().section("agreeing on the steps per epoch"):
-        steps = trainer.agreed_steps(plan.for_epoch(), steps_per_epoch)
+        length = trainer.agreed_steps(plan.for_epoch(), steps_per_epoch)
+    steps = length.steps
     if rank == 0:
-        plan.warn_if_uneven()
+        length.warn_if_uneven()
     trainer.start_on(plan)
     state = trainer.fit_state
     if state.resume_pending:
@@ -102,10 +112,28 @@ def fit(
         batches = plan.for_epoch(seed)
         if class_weights is not None:
             batches = with_class_weight(batches, class_weights)
-        for batch in batches.take(steps).skip(first):
-            metrics_now = trainer.run_step(*batch)  # Also advances the counters in `state`.
+        if steps is not None:
+            batches = batches.take(steps)
+        batches = iter(batches.skip(first))
+        batch = next(batches, None)
+        if length.watch and not agree_min(batch is not None, "first_batch"):
+            batch = None  # Some rank has nothing at all this epoch: no rank steps.
+        done = first
+        while batch is not None:
+            last = steps is not None and done + 1 >= steps
+            # Fetch the next batch before the step, so the step can tell the others whether there is one.
+            following = None if last else next(batches, None)
+            if length.watch and not last:
+                metrics_now = trainer.run_step(*batch, has_data=following is not None)
+            else:
+                metrics_now = trainer.run_step(*batch)  # Also advances the counters in `state`.
+            done += 1
             global_step += 1
             hooks.on_step_end(global_step, {**metrics_now, "samples": batch_size_of(batch[0])})
+            if length.watch and not last and not bool(state.all_have_data.numpy()):
+                _warn_ran_out(rank, epoch, done, following is not None)
+                break
+            batch = following
         state.epoch.assign_add(1)
         state.epoch_step.assign(0)
 
@@ -127,3 +155,17 @@ def fit(
             trainer.stop_training = True
             break
     hooks.on_train_end(logs)
+
+
+def _warn_ran_out(rank: int, epoch: int, steps: int, had_more: bool) -> None:
+    """After an epoch some rank's data ended: rank 0 warns with each rank's count (one allgather)."""
+    more = allgather_int64([int(had_more)], "ran_out")
+    if rank != 0 or not more.any():
+        return  # Every rank ran out at the same step: the data simply ended.
+    counts = ", ".join(f"rank {r}: {'more than ' if m else ''}{steps}" for r, m in enumerate(more.tolist()))
+    warnings.warn(
+        f"Epoch {epoch}: rank(s) {[r for r, m in enumerate(more.tolist()) if not m]} ran out of data after {steps} "
+        f"batches, so every rank ended the epoch at step {steps} (batches per rank: {counts}). The other ranks' "
+        "remaining batches were not used this epoch; shards of equal length use them all.",
+        stacklevel=3,
+    )

@@ -29,6 +29,12 @@ def display_name(metric: str) -> str:
 class StepSums:
     """Each step metric's sum and count since the last `reset`, in one variable a compiled step adds to.
 
+    Means are over the steps that were *applied*: a step that reports `skipped=True` (its reduced
+    gradient was NaN/Inf, e.g. a mixed-precision overflow) is counted, in `skipped`'s mean (the
+    skip rate, over all steps), but its other metrics are left out of their means, so one
+    overflow does not turn the epoch's `grad_norm` into `inf`. A step that does not report
+    `skipped` (an accumulation micro-step) counts as applied.
+
     `add` runs inside the compiled step, so a step's sums cost one variable update on the device:
     no eager op and no host sync. A metric gets a column of the variable the first time a traced
     step reports it; the columns are the same on every rank, which traces the same steps.
@@ -47,8 +53,9 @@ class StepSums:
     CAPACITY = 16
 
     def __init__(self) -> None:
-        # Row 0 sums each metric, row 1 counts the steps that reported it (float64 counts are exact to 2**53).
-        self._totals = tf.Variable(tf.zeros([2, self.CAPACITY], tf.float64), trainable=False, name="hvdclip_step_sums")
+        # Row 0 sums each metric over the steps averaged in, row 1 counts those steps, row 2 counts
+        # every step that reported the metric, skipped or not (float64 counts are exact to 2**53).
+        self._totals = tf.Variable(tf.zeros([3, self.CAPACITY], tf.float64), trainable=False, name="hvdclip_step_sums")
         self._columns: dict[str, int] = {}
 
     def _column(self, name: str) -> int:
@@ -66,35 +73,45 @@ class StepSums:
         if not metrics:
             return
         columns = [self._column(name) for name in metrics]
-        indices = [[0, column] for column in columns] + [[1, column] for column in columns]
-        values = [tf.cast(tf.reshape(value, []), tf.float64) for value in metrics.values()]
-        self._totals.scatter_nd_add(indices, tf.stack(values + [tf.constant(1.0, tf.float64)] * len(values)))
+        applied = tf.logical_not(tf.cast(tf.reshape(metrics["skipped"], []), tf.bool)) if "skipped" in metrics else None
+        values, weights = [], []
+        for name, value in metrics.items():
+            value = tf.cast(tf.reshape(value, []), tf.float64)
+            if applied is None or name == "skipped":
+                values.append(value)
+                weights.append(tf.constant(1.0, tf.float64))
+            else:  # `where`, not a product: inf * 0 would be NaN.
+                values.append(tf.where(applied, value, tf.zeros_like(value)))
+                weights.append(tf.cast(applied, tf.float64))
+        ones = [tf.constant(1.0, tf.float64)] * len(columns)
+        indices = [[row, column] for row in range(3) for column in columns]
+        self._totals.scatter_nd_add(indices, tf.stack(values + weights + ones))
 
     def reset(self) -> None:
         self._totals.assign(tf.zeros_like(self._totals))
 
     def names(self) -> set[str]:
         """The metrics some step reported since the last reset (reads the counts: one host sync)."""
-        counts = self._totals[1].numpy()
+        counts = self._totals[2].numpy()
         return {name for name, column in self._columns.items() if counts[column] > 0}
 
     def means(self) -> dict[str, float]:
-        """Each reported metric's mean over the steps that reported it, as Python floats (one host sync)."""
-        sums, counts = self._totals.numpy()
+        """Each reported metric's mean over the applied steps that reported it, as Python floats (one host sync)."""
+        sums, counts, _ = self._totals.numpy()
         return {name: float(sums[c] / counts[c]) for name, c in sorted(self._columns.items()) if counts[c] > 0}
 
     def rank_means(self, names: list[str]) -> dict[str, float]:
         """Each metric in `names` averaged over steps and over ranks: one allreduce, identical everywhere.
 
         Every rank must call this with the same `names` after running the same steps. A metric no
-        step reported since the reset counts as 0 over 0 steps, so its mean is NaN.
+        applied step reported since the reset counts as 0 over 0 steps, so its mean is NaN.
         """
         if not names:
             return {}
         unknown = sorted(set(names) - set(self._columns))
         if unknown:
             raise ValueError(f"`names` has metrics no step reported: {unknown}. Received: names={names!r}")
-        ours = tf.gather(self._totals, [self._columns[name] for name in names], axis=1)
+        ours = tf.gather(self._totals[:2], [self._columns[name] for name in names], axis=1)
         totals = sum_over_ranks(ours, "epoch_means")
         # 0/0 is NaN on purpose: an epoch resumed at its end has no steps left to average.
         means = tf.math.divide(totals[0], totals[1]).numpy()

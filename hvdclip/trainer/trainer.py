@@ -21,12 +21,12 @@ import tensorflow as tf
 from hvdclip.core.step import Clipper
 from hvdclip.distributed import consistency, runtime
 from hvdclip.distributed.bridge import as_tf_variables
-from hvdclip.distributed.collectives import agree_min
+from hvdclip.distributed.collectives import all_have_data, allgather_int64, average_variables_over_ranks
 from hvdclip.distributed.rank_zero import on_rank_zero, writable_directory
 from hvdclip.distributed.watchdog import default_watchdog
 from hvdclip.errors import CheckpointError, NonFiniteGradientError
 from hvdclip.trainer.checkpoint import read as read_checkpoint
-from hvdclip.trainer.data import InputPlan, check_batch
+from hvdclip.trainer.data import EpochLength, InputPlan, check_batch
 from hvdclip.trainer.evaluation import Evaluator, check_metrics
 from hvdclip.trainer.fit_state import FitState
 from hvdclip.trainer.loop import fit as run_fit
@@ -131,8 +131,11 @@ class HvdClipTrainer:
             "accumulate": tf.function(self._recorded(self._accumulate), reduce_retracing=True),
             "accumulated_step": tf.function(self._recorded(self._accumulated_step), reduce_retracing=True),
         }
-        self._compiled_checksum = tf.function(lambda: consistency.weights_checksum(as_tf_variables(self.model.variables)))
+        self._guarded: list[tuple[str, tf.Variable]] = []  # What the consistency guard compares (set by `start`).
+        self._compiled_checksums = tf.function(lambda: consistency.variable_checksums([v for _, v in self._guarded]))
         self.fit_state = FitState()  # fit's step/epoch counters and shuffle RNG, broadcast and checkpointed.
+        # Stands for the has-data flag among the variables the gradient reduction names; never applied.
+        self._has_data_slot = tf.Variable(0.0, trainable=False, name="hvdclip_has_data_slot")
 
     # ------------------------------------------------------------------ start-up
 
@@ -189,7 +192,20 @@ class HvdClipTrainer:
             return
         self._build(x)
         self.clipper.broadcast_initial_state(self.model, extra=self._loop_variables())
+        local = {id(v) for v in as_tf_variables(consistency.rank_local_variables(self.model))}
+        self._guarded = [(name, v) for name, v in self.named_state_variables() if id(v) not in local]
         self._started = True
+
+    def average_local_statistics(self) -> None:
+        """Replaces rank-local BatchNorm moving statistics by their mean over ranks, on every rank.
+
+        A collective: call it on every rank. `fit` calls it before each checkpoint and validation,
+        `save` and `evaluate` before they read the model, so what is exported, saved and evaluated
+        reflects every rank's data, not rank 0's alone. Training does not read moving statistics, so
+        averaging them changes no gradient; and because a moving average is linear, the mean of the
+        ranks' moving means is the moving average of the ranks' mean batch means.
+        """
+        average_variables_over_ranks(consistency.local_batch_norm_statistics(self.model), "batch_norm_statistics")
 
     # ------------------------------------------------------------------ the step
 
@@ -221,20 +237,38 @@ class HvdClipTrainer:
             metric.update_state(y, y_pred, sample_weight=sample_weight)
         return loss, tape.gradient(scaled_loss, as_tf_variables(self.model.trainable_variables))
 
-    def _step(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, tf.Tensor]:
+    def _core_step(self, local: list, has_data: Any) -> dict[str, tf.Tensor]:
+        """`Clipper.step` on the local gradient; with `has_data`, the flag rides in its allreduce.
+
+        The flag (1.0 or 0.0) joins the gradients as one more float, so the ranks agree whether
+        every one has a next batch in the step's own allreduce: no extra collective per step. The
+        stages are `Clipper.step`'s, in its order.
+        """
+        variables = self.model.trainable_variables
+        if has_data is None:
+            return self.clipper.step(local, variables)
+        flag = tf.cast(has_data, tf.float32)
+        reduced = self.clipper.reduce(list(local) + [flag], list(variables) + [self._has_data_slot])
+        self.fit_state.all_have_data.assign(reduced[-1] > 0.999)  # The mean of the flags is 1 only if all are.
+        clipped = self.clipper.clip(self.clipper.unscale(reduced[:-1]), variables)
+        return {**clipped.metrics, "skipped": self.clipper.apply(clipped, variables)}
+
+    def _step(self, x: Any, y: Any, sample_weight: Any = None, has_data: Any = None) -> dict[str, tf.Tensor]:
         """One optimizer step: local gradient, then the core step."""
         loss, local = self._local_gradients(x, y, sample_weight)
-        return {"loss": loss, **self.clipper.step(local, self.model.trainable_variables)}
+        return {"loss": loss, **self._core_step(local, has_data)}
 
-    def _accumulate(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, tf.Tensor]:
-        """A micro-batch before the last of an accumulation window: local work only, no collective."""
+    def _accumulate(self, x: Any, y: Any, sample_weight: Any = None, has_data: Any = None) -> dict[str, tf.Tensor]:
+        """A micro-batch before the last of an accumulation window: local work only (and the has-data vote)."""
         loss, grads = self._local_gradients(x, y, sample_weight)
         for accumulator, grad in zip(self._accumulators, grads):
             if grad is not None:
                 accumulator.assign_add(tf.convert_to_tensor(grad))
+        if has_data is not None:  # No gradient allreduce to ride in: a one-scalar allreduce of its own.
+            self.fit_state.all_have_data.assign(all_have_data(has_data))
         return {"loss": loss}
 
-    def _accumulated_step(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, tf.Tensor]:
+    def _accumulated_step(self, x: Any, y: Any, sample_weight: Any = None, has_data: Any = None) -> dict[str, tf.Tensor]:
         """The window's last micro-batch: the mean of the k local gradients goes through the core step."""
         loss, grads = self._local_gradients(x, y, sample_weight)
         k = float(self._accumulation_steps)
@@ -244,31 +278,37 @@ class HvdClipTrainer:
         ]
         for accumulator in self._accumulators:
             accumulator.assign(tf.zeros_like(accumulator))
-        return {"loss": loss, **self.clipper.step(means, self.model.trainable_variables)}
+        return {"loss": loss, **self._core_step(means, has_data)}
 
     def _recorded(self, step: Callable) -> Callable:
         """`step`, then `FitState.record_step` (count it, sum its metrics), to compile as one function."""
 
-        def recorded(x: Any, y: Any, sample_weight: Any = None) -> dict[str, tf.Tensor]:
-            metrics = step(x, y, sample_weight)
+        def recorded(x: Any, y: Any, sample_weight: Any = None, has_data: Any = None) -> dict[str, tf.Tensor]:
+            metrics = step(x, y, sample_weight, has_data)
             self.fit_state.record_step(metrics)
             return metrics
 
         return recorded
 
-    def run_step(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, tf.Tensor]:
-        """One step (or micro-batch) on this rank's batch, as tensors; what `fit` calls per batch."""
+    def run_step(self, x: Any, y: Any, sample_weight: Any = None, *, has_data: bool | None = None) -> dict[str, tf.Tensor]:
+        """One step (or micro-batch) on this rank's batch, as tensors; what `fit` calls per batch.
+
+        `has_data`: whether this rank holds a batch for the next step; if given, the step also
+        agrees over ranks whether all do, into `fit_state.all_have_data` (no extra round trip).
+        """
         self.start(x)
+        if has_data is not None:
+            has_data = tf.constant(bool(has_data))
         # A lost peer ends the rank instead of hanging it; the first step also traces and compiles.
         with default_watchdog().section(f"step {self._calls + 1}", compiling=self._calls == 0):
             if self._accumulation_steps == 1:
-                metrics = self._compiled["step"](x, y, sample_weight)
+                metrics = self._compiled["step"](x, y, sample_weight, has_data)
             else:
                 self._micro_step += 1
                 if self._micro_step < self._accumulation_steps:
-                    return self._compiled["accumulate"](x, y, sample_weight)
+                    return self._compiled["accumulate"](x, y, sample_weight, has_data)
                 self._micro_step = 0
-                metrics = self._compiled["accumulated_step"](x, y, sample_weight)
+                metrics = self._compiled["accumulated_step"](x, y, sample_weight, has_data)
         if self._max_consecutive_skips is not None and self.clipper.skip_nonfinite:
             consecutive = int(self.clipper.consecutive_skips.numpy())
             if consecutive >= self._max_consecutive_skips:
@@ -280,7 +320,13 @@ class HvdClipTrainer:
                 )
         self._calls += 1
         if self._check_every is not None and self._calls % self._check_every == 0:
-            consistency.check_same_weights(self._compiled_checksum(), self._calls)
+            trainable = {id(v) for v in as_tf_variables(self.model.trainable_variables)}
+            consistency.check_same_state(
+                self._compiled_checksums(),
+                [name for name, _ in self._guarded],
+                [id(v) in trainable for _, v in self._guarded],
+                self._calls,
+            )
         return metrics
 
     def train_step(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, float | bool]:
@@ -296,20 +342,27 @@ class HvdClipTrainer:
         return {name: (bool(value) if value.dtype == tf.bool else float(value)) for name, value in metrics.items()}
 
     # ------------------------------------------------------------------ fit
-    def agreed_steps(self, dataset: tf.data.Dataset, steps_per_epoch: int | None) -> int:
-        """Steps per epoch that every rank can run, so no rank waits in an allreduce forever."""
+    def agreed_steps(self, dataset: tf.data.Dataset, steps_per_epoch: int | None) -> EpochLength:
+        """How long each epoch is, agreed by every rank (one allgather), so no rank waits forever.
+
+        When every rank knows its number of batches, every rank runs the shortest shard's (capped by
+        `steps_per_epoch`), and rank 0 warns with each rank's count if they differ. When some rank's
+        length is unknown, an epoch runs `steps_per_epoch` steps or, if any rank runs out first,
+        ends on every rank at that step: each step carries a has-data flag (`watch`).
+        """
         cardinality = int(dataset.cardinality())
-        known = cardinality >= 0
-        if steps_per_epoch is None and not known:
+        if steps_per_epoch is None and cardinality == tf.data.INFINITE_CARDINALITY:
             raise ValueError(
-                "`dataset` has unknown or infinite length, so ranks cannot agree on when an epoch ends. "
-                "Pass `steps_per_epoch`, or declare the length with "
-                f"dataset.apply(tf.data.experimental.assert_cardinality(n)). Received: cardinality={cardinality}"
+                "`dataset` is infinite (it repeats), so an epoch would never end. Pass `steps_per_epoch`, or "
+                f"drop the `repeat()`. Received: cardinality={cardinality}"
             )
-        if not known:
-            return steps_per_epoch
-        local = cardinality if steps_per_epoch is None else min(cardinality, steps_per_epoch)
-        return agree_min(local, "steps_per_epoch")
+        counts = [int(c) for c in allgather_int64([cardinality], "cardinality")]
+        if any(c == tf.data.UNKNOWN_CARDINALITY for c in counts):
+            return EpochLength(steps_per_epoch, watch=True, counts=counts)
+        finite = [c for c in counts if c >= 0]
+        shortest = min(finite) if finite else steps_per_epoch
+        steps = shortest if steps_per_epoch is None else min(shortest, steps_per_epoch)
+        return EpochLength(steps, watch=False, counts=counts)
 
     def fit(
         self,
@@ -319,7 +372,7 @@ class HvdClipTrainer:
         *,
         batch_size: int | None = None,
         shuffle_buffer: int | None = None,
-        shard: bool = True,
+        shard: str | bool = "auto",
         validation_data: tf.data.Dataset | None = None,
         validation_metrics: list[keras.metrics.Metric] | None = None,
         callbacks: list[Any] | None = None,
@@ -329,21 +382,32 @@ class HvdClipTrainer:
         """Trains for `epochs` epochs; call it on every rank with the same arguments.
 
         Each epoch, every rank takes its shard of `dataset`, shuffles it, batches it, and runs the
-        same number of steps: the shortest shard's, capped by `steps_per_epoch`.
+        same number of steps: the shortest shard's, capped by `steps_per_epoch`. If some rank's
+        shard has unknown length (a generator, TFRecord files), the epoch ends on every rank at
+        the step where the first rank runs out (or at `steps_per_epoch`), and rank 0 warns with
+        each rank's count; fetching the next batch before each step makes this cost no extra
+        round trip.
 
         Args:
             dataset: a `tf.data.Dataset` of `(x, y)` batches, or of single examples with
                 `batch_size`. Every rank must build it in the same order for sharding to split it.
             epochs: epochs to train (>= 1). After `restore`, the epochs the checkpoint had done
                 count too, so the same call finishes the interrupted run.
-            steps_per_epoch: cap on steps per epoch; required if the dataset's length is unknown.
+            steps_per_epoch: cap on steps per epoch; required only if the dataset is infinite
+                (`repeat()`).
             batch_size: batch single examples into batches of this many per rank (the global
                 batch is `batch_size * size`), dropping each rank's last, smaller batch.
             shuffle_buffer: shuffle each rank's shard every epoch with a buffer of this many
                 elements; the seeds come from an RNG that is broadcast and checkpointed (and
                 `tf.data` mixes in TensorFlow's global seed, so set that the same way on resume).
-            shard: split `dataset` (and `validation_data`) over ranks, each keeping every
-                `size`-th element from its rank on. False when each rank already reads its own part.
+            shard: how to split `dataset` (and `validation_data`) over ranks. `"auto"` (default):
+                by file when the dataset reads files (TFRecord, text lines) and has at least one
+                per rank, else by element (warning if it reads too few files); `"files"`: each rank
+                reads every `size`-th file (an error if that is impossible); `"elements"` (or
+                `True`): each rank keeps every `size`-th element, reading the whole dataset;
+                `False`: each rank already reads its own part. Build the dataset in the same order
+                on every rank (seed any `shuffle` before `fit`); `fit` warns if the ranks' first
+                elements differ.
             validation_data: evaluated after each epoch, sharded the same way: `val_loss` and each
                 `validation_metrics` entry, exact over all ranks' examples however they split.
             validation_metrics: Keras metrics such as `keras.metrics.SparseCategoricalAccuracy()`,
@@ -384,11 +448,12 @@ class HvdClipTrainer:
         *,
         metrics: list[keras.metrics.Metric] | None = None,
         batch_size: int | None = None,
-        shard: bool = True,
+        shard: str | bool = "auto",
     ) -> dict[str, float]:
         """The model's loss and `metrics` on `dataset`, over all ranks; call it on every rank.
 
-        Each rank evaluates its shard (all of `dataset` with `shard=False`); sums and counts are
+        Plain BatchNormalization's moving statistics are averaged over ranks first. Each rank
+        evaluates its shard (`shard` as in `fit`; all of `dataset` with `shard=False`); sums and counts are
         allreduced, so the result is the exact mean over every rank's examples, identical on every
         rank, even when the shards differ in length.
 
@@ -399,10 +464,10 @@ class HvdClipTrainer:
         runtime.require_initialized("HvdClipTrainer.evaluate")
         plan = InputPlan.checked(
             "dataset", dataset, rank=runtime.rank(), size=runtime.size(), shard=shard, batch_size=batch_size, drop_remainder=False
-        )
+        ).resolved("dataset")
         evaluate = Evaluator(self, check_metrics("metrics", metrics))
         self.start_on(plan)
-        return evaluate(plan.for_epoch())
+        return evaluate(plan.for_epoch())  # Averages BatchNorm's rank-local statistics first.
 
     def start_on(self, plan: InputPlan) -> None:
         """Starts (builds, then the one broadcast) with a sample batch from `plan` if not started yet."""
@@ -463,6 +528,9 @@ class HvdClipTrainer:
     def save(self, path: str) -> None:
         """Writes the model as a Keras `.keras` file, on rank 0 only; call it on every rank.
 
+        Plain BatchNormalization's moving statistics are averaged over ranks first
+        (`average_local_statistics`).
+
         If rank 0 cannot write `path`, every rank raises `OutputDirectoryError`.
         """
         path = check_path("path", path, "a file name ending in '.keras'")
@@ -473,4 +541,6 @@ class HvdClipTrainer:
             writable_directory(os.path.dirname(path) or ".", "path")
             self.model.save(path)
 
+        if self._started:  # Before the start-up broadcast, nothing has trained the statistics yet.
+            self.average_local_statistics()
         on_rank_zero(write, name="save_model")

@@ -125,7 +125,8 @@ FIT = table(
     ("batch_size", "range", 0, ValueError, r"`batch_size` must be an integer >= 1\. Received: batch_size=0$"),
     ("shuffle_buffer", "type", 2.5, TypeError, r"`shuffle_buffer` must be an integer >= 1\. Received: shuffle_buffer=2\.5$"),
     ("shuffle_buffer", "range", 0, ValueError, r"`shuffle_buffer` must be an integer >= 1\. Received: shuffle_buffer=0$"),
-    ("shard", "type", "yes", TypeError, r"`shard` must be True or False\. Received: shard='yes'$"),
+    ("shard", "type", 1, TypeError, r"`shard` must be 'auto', 'files', 'elements' or False \(True means 'elements'\)\. Received: shard=1$"),
+    ("shard", "range", "yes", ValueError, r"`shard` must be 'auto', 'files', 'elements' or False \(True means 'elements'\)\. Received: shard='yes'$"),
     ("validation_data", "type", [1], TypeError, r"`validation_data` must be a tf.data.Dataset of \(x, y\) or \(x, y, sample_weight\) batches\. Received: validation_data=\[1\]$"),
     ("validation_data", "range", EMPTY, ValueError, r"`validation_data` must not be empty\. Received: validation_data=<"),
     ("validation_metrics", "type", ["mae"], TypeError, r"`validation_metrics` must be a list of keras.metrics.Metric objects.*Received: validation_metrics=\['mae'\]$"),
@@ -158,7 +159,8 @@ EVALUATE = table(
      r"`metrics` must have distinct names other than 'loss'\. Received: names \['m', 'm'\]$"),
     ("batch_size", "type", 1.0, TypeError, r"`batch_size` must be an integer >= 1\. Received: batch_size=1\.0$"),
     ("batch_size", "range", 0, ValueError, r"`batch_size` must be an integer >= 1\. Received: batch_size=0$"),
-    ("shard", "type", 1, TypeError, r"`shard` must be True or False\. Received: shard=1$"),
+    ("shard", "type", 1, TypeError, r"`shard` must be 'auto', 'files', 'elements' or False \(True means 'elements'\)\. Received: shard=1$"),
+    ("shard", "range", "files ", ValueError, r"`shard` must be 'auto', 'files', 'elements' or False \(True means 'elements'\)\. Received: shard='files '$"),
 )  # fmt: skip
 
 

@@ -28,3 +28,21 @@ def test_first_difference_names_shape_and_count_mismatches():
 
 def test_check_same_structure_passes_on_a_single_rank():
     consistency.check_same_structure([("v", tf.Variable(np.zeros(3, np.float32)))])
+
+
+def test_rank_local_variables_are_plain_batch_norm_statistics_and_seed_states():
+    import keras
+
+    from training_support import batch_norm_cnn, dropout_mlp
+
+    class Synchronised(keras.layers.BatchNormalization):
+        synchronized_over_ranks = True
+
+    cnn = batch_norm_cnn(seed=1, blocks=3)
+    assert [v.name for v in consistency.local_batch_norm_statistics(cnn)] == ["moving_mean", "moving_variance"] * 3
+    assert consistency.seed_generator_states(cnn) == []
+    mlp = dropout_mlp(seed=1)
+    assert [v.name for v in consistency.rank_local_variables(mlp)] == ["seed_generator_state"]
+    synced = keras.Sequential([keras.Input((4,)), Synchronised(), keras.layers.BatchNormalization(synchronized=True)])
+    local = consistency.local_batch_norm_statistics(synced)
+    assert [v.path for v in local] == [v.path for v in synced.layers[1].non_trainable_variables], "Keras' synchronized= is tf.distribute's only"

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import hvdclip
-from hvdclip.trainer.data import InputPlan
+from hvdclip.trainer.data import EpochLength, InputPlan
 from support import make_data, make_mlp
 # Op callbacks see every op TensorFlow runs eagerly (and builds in a graph); tfdbg uses them too.
 from tensorflow.python.framework import op_callbacks
@@ -34,13 +34,39 @@ def test_shards_are_disjoint_and_cover_the_data_every_epoch(shuffle_buffer):
         assert sorted(flat) == list(range(40)) and all(len(shard) == 10 for shard in shards)
 
 
-def test_an_uneven_split_warns_with_the_numbers():
-    with pytest.warns(UserWarning, match=r"`dataset` has 41 examples, which 2 ranks cannot split evenly: 1 rank\(s\) get 21"):
-        InputPlan(tf.data.Dataset.range(41), 0, 2, batch_size=4).warn_if_uneven()
+def test_uneven_known_counts_warn_with_each_ranks_count():
+    with pytest.warns(UserWarning, match=r"different numbers of batches \(rank 0: 6, rank 1: 5\)\. Every rank runs 5 steps"):
+        EpochLength(5, watch=False, counts=[6, 5]).warn_if_uneven()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        InputPlan(tf.data.Dataset.range(40), 0, 2).warn_if_uneven()
-        InputPlan(tf.data.Dataset.range(41), 0, 2, shard=False).warn_if_uneven()
+        EpochLength(5, watch=False, counts=[5, 5]).warn_if_uneven()
+        EpochLength(None, watch=True, counts=[-2, 5]).warn_if_uneven()  # Unknown: the loop warns when one runs out.
+
+
+def write_records(directory, files, per_file):
+    names = []
+    for f in range(files):
+        name = str(directory / f"part-{f}.tfrecord")
+        with tf.io.TFRecordWriter(name) as writer:
+            for i in range(per_file):
+                writer.write(f"{f}-{i}".encode())
+        names.append(name)
+    return names
+
+
+def test_shard_by_files_gives_each_rank_its_own_files(tmp_path):
+    names = write_records(tmp_path, files=3, per_file=2)
+    data = tf.data.TFRecordDataset(names).map(lambda r: (r, r))
+    parts = [[x.decode() for x, _ in InputPlan(data, rank, 2, shard="files").for_epoch().as_numpy_iterator()] for rank in range(2)]
+    assert parts == [["0-0", "0-1", "2-0", "2-1"], ["1-0", "1-1"]]
+    elements = [[x.decode() for x, _ in InputPlan(data, rank, 2, shard="elements").for_epoch().as_numpy_iterator()] for rank in range(2)]
+    assert elements == [["0-0", "1-0", "2-0"], ["0-1", "1-1", "2-1"]]
+
+
+@pytest.mark.parametrize("given, expected", [("auto", "auto"), ("files", "files"), ("elements", "elements"), (True, "elements"), (False, False)])
+def test_shard_modes_and_the_old_true(given, expected):
+    plan = InputPlan.checked("dataset", id_dataset(4), rank=0, size=1, shard=given)
+    assert plan.shard == expected and plan.resolved() is plan  # One rank: nothing to decide.
 
 
 def test_batch_size_batches_examples_and_drops_the_short_last_batch():
@@ -337,8 +363,8 @@ def test_fit_runs_no_eager_op_per_step_but_the_next_batch_and_the_compiled_step(
         text = " ".join(eager_ops)
         between = [chunk.split() for epoch in text.split("<epoch>")[1:] for chunk in epoch.split("<step>")[1:-1]]
         assert len(between) == 2 * 5, text
-        for ops in between:
-            assert len(ops) == 2 and ops[0] == "IteratorGetNext" and ops[1].startswith("__inference_recorded_"), ops
+        for ops in between:  # The next batch is fetched before the step; before an epoch's last step, none is.
+            assert ops[:-1] in ([], ["IteratorGetNext"]) and ops[-1].startswith("__inference_recorded_"), ops
 
 
 # ---------------------------------------------------------------- bad input
@@ -350,7 +376,7 @@ def test_fit_runs_no_eager_op_per_step_but_the_next_batch_and_the_compiled_step(
         ({"epochs": 0}, ValueError, r"`epochs` must be an integer >= 1. Received: epochs=0"),
         ({"batch_size": 0}, ValueError, r"`batch_size` must be an integer >= 1. Received: batch_size=0"),
         ({"shuffle_buffer": 2.5}, TypeError, r"`shuffle_buffer` must be an integer >= 1. Received: shuffle_buffer=2.5"),
-        ({"shard": "yes"}, TypeError, r"`shard` must be True or False. Received: shard='yes'"),
+        ({"shard": "yes"}, ValueError, r"`shard` must be 'auto', 'files', 'elements' or False \(True means 'elements'\). Received: shard='yes'"),
         ({"verbose": 3}, ValueError, r"`verbose` must be an integer >= 0 and <= 2. Received: verbose=3"),
         ({"validation_data": [1]}, TypeError, r"`validation_data` must be a tf.data.Dataset of \(x, y\) or \(x, y, sample_weight\) batches. Received: validation_data=\[1\]"),
         ({"validation_metrics": ["mae"]}, TypeError, r"`validation_metrics` must be a list of keras.metrics.Metric objects"),

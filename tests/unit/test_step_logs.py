@@ -56,3 +56,22 @@ def test_more_metrics_than_columns_fail_at_trace_time_with_the_limit():
     too_many = {f"m{i}": tf.constant(1.0) for i in range(StepSums.CAPACITY + 1)}
     with pytest.raises(ValueError, match=rf"more than StepSums.CAPACITY={StepSums.CAPACITY} metrics; cannot add 'm{StepSums.CAPACITY}'"):
         compiled_add(sums)(too_many)
+
+
+def test_skipped_steps_are_counted_but_not_averaged_in():
+    sums = StepSums()
+    add = compiled_add(sums)
+    add({"grad_norm": tf.constant(float("inf")), "loss": tf.constant(9.0), "skipped": tf.constant(True)})
+    add({"grad_norm": tf.constant(2.0), "loss": tf.constant(1.0), "skipped": tf.constant(False)})
+    add({"grad_norm": tf.constant(4.0), "loss": tf.constant(3.0), "skipped": tf.constant(False)})
+    add({"loss": tf.constant(5.0)})  # An accumulation micro-step: no `skipped`, counts as applied.
+    assert sums.means() == {"grad_norm": 3.0, "loss": 3.0, "skipped": 1 / 3}
+    assert sums.rank_means(["grad_norm", "loss", "skipped"]) == {"grad_norm": 3.0, "loss": 3.0, "skipped": 1 / 3}
+
+
+def test_a_metric_whose_every_step_was_skipped_is_named_and_its_mean_is_nan():
+    sums = StepSums()
+    compiled_add(sums)({"grad_norm": tf.constant(float("nan")), "skipped": tf.constant(True)})
+    assert sums.names() == {"grad_norm", "skipped"}
+    means = sums.rank_means(["grad_norm", "skipped"])
+    assert math.isnan(means["grad_norm"]) and means["skipped"] == 1.0

@@ -156,7 +156,7 @@ def test_fit_runs_the_agreed_steps_and_averages_metrics_per_epoch():
 
 def test_fit_needs_steps_per_epoch_for_an_infinite_dataset():
     dataset = tf.data.Dataset.from_tensor_slices(make_data(seed=0, n=8)).batch(4).repeat()
-    with pytest.raises(ValueError, match=r"Pass `steps_per_epoch`.*Received: cardinality=-1"):
+    with pytest.raises(ValueError, match=r"`dataset` is infinite \(it repeats\), so an epoch would never end\. Pass `steps_per_epoch`.*Received: cardinality=-1$"):
         trainer_for().fit(dataset)
 
 
