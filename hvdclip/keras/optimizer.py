@@ -27,8 +27,10 @@ from hvdclip.transforms.base import GradientTransform
 
 __all__ = ["DistributedOptimizer", "STEP_METRICS"]
 
-# What the optimizer sums over the steps since `reset_step_metrics`, in this order.
-STEP_METRICS = ("steps", "grad_norm", "clipped_grad_norm", "clip_active", "skipped")
+# What the optimizer sums over the steps since `reset_step_metrics`, in this order: the step count,
+# the applied steps, then the norms and the clip flag of the applied steps only (a skipped step's
+# norm is NaN or Inf and would swamp the mean), then the skipped steps.
+STEP_METRICS = ("steps", "applied", "grad_norm", "clipped_grad_norm", "clip_active", "skipped")
 
 
 @keras.saving.register_keras_serializable(package="hvdclip")
@@ -117,21 +119,28 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             )
         variables = list(trainable_variables if trainable_variables is not None else self._trainable_variables)
         metrics = self.clipper.step(list(grads), variables)
-        self.step_sums.assign_add(
-            tf.stack([tf.constant(1.0, tf.float64)] + [tf.cast(metrics[name], tf.float64) for name in STEP_METRICS[1:]])
-        )
+        skipped = metrics["skipped"]
+        applied = [tf.where(skipped, tf.constant(0.0, tf.float64), tf.cast(metrics[name], tf.float64))
+                   for name in ("grad_norm", "clipped_grad_norm", "clip_active")]
+        one = tf.constant(1.0, tf.float64)
+        self.step_sums.assign_add(tf.stack([one, one - tf.cast(skipped, tf.float64), *applied, tf.cast(skipped, tf.float64)]))
 
     def step_metrics(self) -> dict[str, float]:
-        """Means over the steps since `reset_step_metrics` (the same on every rank); empty before any step."""
-        sums = self.step_sums.numpy()
-        if sums[0] == 0:
+        """The steps since `reset_step_metrics` (the same on every rank); empty before any step.
+
+        `grad_norm`, `clipped_grad_norm` and `clip_rate` are means over the applied steps (NaN if
+        every step was skipped); `skipped` counts the skipped ones.
+        """
+        sums = dict(zip(STEP_METRICS, self.step_sums.numpy().tolist()))
+        if sums["steps"] == 0:
             return {}
-        means = dict(zip(STEP_METRICS[1:], (sums[1:] / sums[0]).tolist()))
+        applied = sums["applied"]
+        mean = (lambda name: sums[name] / applied) if applied else (lambda name: float("nan"))  # noqa: E731
         return {
-            "grad_norm": means["grad_norm"],
-            "clipped_grad_norm": means["clipped_grad_norm"],
-            "clip_rate": means["clip_active"],
-            "skipped": float(sums[4]),
+            "grad_norm": mean("grad_norm"),
+            "clipped_grad_norm": mean("clipped_grad_norm"),
+            "clip_rate": mean("clip_active"),
+            "skipped": sums["skipped"],
         }
 
     def reset_step_metrics(self) -> None:

@@ -211,3 +211,16 @@ def test_a_nan_step_is_skipped_by_the_own_loop_door():
     skipped = tape.apply_gradients(zip(grads, model.trainable_variables))
     assert bool(skipped) and checksum(model.variables).tolist() == before
     assert int(clipper.skipped_steps.numpy()) == 1
+
+
+def test_the_fit_doors_epoch_metrics_leave_skipped_steps_out():
+    x = X.copy()
+    x[16, 0] = np.nan  # The second batch's gradient is NaN: that step is skipped.
+    model = make_mlp(seed=2)
+    model.compile(optimizer=hvdclip.keras.DistributedOptimizer(keras.optimizers.SGD(0.01)), loss="mse", jit_compile=False)
+    history = model.fit(
+        x, Y, batch_size=BATCH, shuffle=False, verbose=0,
+        callbacks=[hvdclip.keras.callbacks.BroadcastGlobalVariablesCallback(0), hvdclip.keras.callbacks.MetricAverageCallback()],
+    )
+    assert history.history["skipped"] == [1.0]
+    assert np.isfinite(history.history["grad_norm"][0]) and np.isfinite(history.history["clipped_grad_norm"][0])
