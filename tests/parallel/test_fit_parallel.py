@@ -4,8 +4,6 @@ Every rank runs every test; collectives first, asserts after (see conftest.py).
 """
 
 import os
-import shutil
-import tempfile
 import warnings
 
 import horovod.tensorflow as hvd
@@ -29,15 +27,6 @@ from training_support import (
 )
 
 
-@pytest.fixture
-def shared_dir():
-    """A directory whose path every rank agrees on (rank 0 makes it), removed after the test."""
-    path = tempfile.mkdtemp(prefix="hvdclip-test-") if hvd.rank() == 0 else None
-    path = hvd.broadcast_object(path, root_rank=0, name="hvdclip_test_shared_dir")
-    yield path
-    allgather(np.zeros(1))  # Every rank is done with it.
-    if hvd.rank() == 0:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def plain_trainer(model=None, lr=1e-2):

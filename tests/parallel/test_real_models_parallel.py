@@ -5,8 +5,6 @@ Every rank runs every test; collectives first, asserts after (see conftest.py).
 """
 
 import os
-import shutil
-import tempfile
 import warnings
 
 import horovod.tensorflow as hvd
@@ -30,15 +28,6 @@ from training_support import (
 )
 
 
-@pytest.fixture
-def shared_dir():
-    """A directory whose path every rank agrees on (rank 0 makes it), removed after the test."""
-    path = tempfile.mkdtemp(prefix="hvdclip-test-") if hvd.rank() == 0 else None
-    path = hvd.broadcast_object(path, root_rank=0, name="hvdclip_test_real_models_dir")
-    yield path
-    allgather(np.zeros(1))
-    if hvd.rank() == 0:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def cnn_trainer(**kwargs):
