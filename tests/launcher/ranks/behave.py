@@ -2,7 +2,9 @@
 
     behave.py MODE DIR MARKER
 
-MODE `fail`: rank 1 exits with status 3 at once; the others wait as if blocked in a collective.
+MODE `fail`: rank 1 exits with status 3 as soon as rank 0 is up (so the test sees both ranks start and
+the launcher's reaction to the failure, never a race with rank 0's start); the others wait as if
+blocked in a collective.
 MODE `wait`: every rank waits; a SIGINT or SIGTERM is recorded in DIR/signal.<rank> before exiting.
 Each rank writes DIR/ready.<rank> when it is up. MARKER only tags the command line, so the test can
 find any rank still running afterwards.
@@ -37,6 +39,11 @@ def main() -> None:
     signal.signal(signal.SIGINT, record)
     (directory / f"ready.{me}").write_text(str(os.getpid()))
     if mode == "fail" and me == 1:
+        deadline = time.monotonic() + 60
+        while not (directory / "ready.0").exists():
+            if time.monotonic() > deadline:
+                raise SystemExit("behave.py: rank 0 did not write ready.0 within 60 s")
+            time.sleep(0.05)
         raise SystemExit(3)
     time.sleep(300)
     raise SystemExit(f"behave.py: rank {me} was never stopped")
