@@ -11,6 +11,7 @@ import importlib
 _EXPORTS = {
     "HvdClipTrainer": "hvdclip.trainer",
     "History": "hvdclip.trainer",
+    "Elastic": "hvdclip.trainer.elastic",
     "Clipper": "hvdclip.core",
     "DistributedGradientTape": "hvdclip.core",
     "init": "hvdclip.distributed.runtime",

@@ -80,6 +80,12 @@ class CallbackList:
         self.callbacks = list(callbacks)
         for callback in self.callbacks:
             callback.set_trainer(trainer)
+        self.set_params(params)
+
+    def set_params(self, params: dict) -> None:
+        """Gives every callback `params` (again when an elastic resize changed the steps per epoch)."""
+        self.params = params
+        for callback in self.callbacks:
             callback.set_params(params)
 
     @staticmethod

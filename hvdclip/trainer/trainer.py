@@ -126,16 +126,26 @@ class HvdClipTrainer:
         self._micro_step = 0  # Calls since the last optimizer step, with accumulation_steps > 1.
         # One compiled function per mode; each also counts the step and adds its metrics to the
         # epoch's sums, so fit runs no eager op per step.
-        self._compiled = {
-            "step": tf.function(self._recorded(self._step), reduce_retracing=True),
-            "accumulate": tf.function(self._recorded(self._accumulate), reduce_retracing=True),
-            "accumulated_step": tf.function(self._recorded(self._accumulated_step), reduce_retracing=True),
-        }
+        self._compiled: dict[str, Any] = {}
+        self.retrace()
         self._guarded: list[tuple[str, tf.Variable]] = []  # What the consistency guard compares (set by `start`).
         self._compiled_checksums = tf.function(lambda: consistency.variable_checksums([v for _, v in self._guarded]))
         self.fit_state = FitState()  # fit's step/epoch counters and shuffle RNG, broadcast and checkpointed.
         # Stands for the has-data flag among the variables the gradient reduction names; never applied.
         self._has_data_slot = tf.Variable(0.0, trainable=False, name="hvdclip_has_data_slot")
+        self.elastic_state = None  # An elastic `fit`'s `hvdclip.trainer.elastic.ElasticState` (commits, resets).
+
+    def retrace(self) -> None:
+        """Drops the compiled step functions, so the next step traces them again.
+
+        An elastic job calls it when the world size changes: a learning-rate schedule such as
+        `ScaledWarmup` holds the size as a Python number, read when the step was traced.
+        """
+        self._compiled = {
+            "step": tf.function(self._recorded(self._step), reduce_retracing=True),
+            "accumulate": tf.function(self._recorded(self._accumulate), reduce_retracing=True),
+            "accumulated_step": tf.function(self._recorded(self._accumulated_step), reduce_retracing=True),
+        }
 
     # ------------------------------------------------------------------ start-up
 
@@ -195,6 +205,29 @@ class HvdClipTrainer:
         local = {id(v) for v in as_tf_variables(consistency.rank_local_variables(self.model))}
         self._guarded = [(name, v) for name, v in self.named_state_variables() if id(v) not in local]
         self._started = True
+
+    @property
+    def started(self) -> bool:
+        """Whether the start-up broadcast has run (the trainer is built and in step on every rank)."""
+        return self._started
+
+    def rebroadcast(self) -> None:
+        """Sends rank 0's whole state to every rank again: an elastic job's sync after a reset.
+
+        The start-up broadcast, with its structure check, run again for the ranks of the new world;
+        each rank then folds its new rank into the seed generators. A collective: every rank calls it.
+        """
+        self.clipper.broadcast_initial_state(self.model, extra=self._loop_variables())
+
+    def between_optimizer_steps(self) -> bool:
+        """False inside a gradient-accumulation window (local sums not yet applied, held by no commit)."""
+        return self._micro_step == 0
+
+    def discard_partial_accumulation(self) -> None:
+        """Drops the local gradient sums of an unfinished accumulation window (after an elastic reset)."""
+        self._micro_step = 0
+        for accumulator in self._accumulators:
+            accumulator.assign(tf.zeros_like(accumulator))
 
     def average_local_statistics(self) -> None:
         """Replaces rank-local BatchNorm moving statistics by their mean over ranks, on every rank.
@@ -378,6 +411,7 @@ class HvdClipTrainer:
         callbacks: list[Any] | None = None,
         class_weight: dict[int, float] | None = None,
         verbose: int = 1,
+        elastic: Any = None,
     ) -> History:
         """Trains for `epochs` epochs; call it on every rank with the same arguments.
 
@@ -419,6 +453,10 @@ class HvdClipTrainer:
             class_weight: `{class index: weight}`: each example's loss is weighted by its class's
                 weight (times its `sample_weight`, if the dataset has one), as in Keras' `fit`.
             verbose: 0 silent, 1 a progress bar, 2 one line per epoch; rank 0 only.
+            elastic: `hvdclip.Elastic(commit_every=..., learning_rate=...)` (or True for the
+                defaults) in a job launched with `hvdclip-run --elastic`: ranks may fail or join,
+                and training continues from the last commit on the ranks there are
+                (docs/elastic.md). Outside an elastic launch it warns and trains as usual.
 
         Returns:
             A `History` whose `.history` maps each metric to its per-epoch values, averaged over the
@@ -438,6 +476,7 @@ class HvdClipTrainer:
             callbacks=callbacks,
             class_weight=class_weight,
             verbose=verbose,
+            elastic=elastic,
             history=history,
         )
         return history

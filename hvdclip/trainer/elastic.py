@@ -1,0 +1,261 @@
+"""Elastic `fit`: lose a host and keep training on the others; add one and grow.
+
+`HvdClipTrainer.fit(..., elastic=hvdclip.Elastic(commit_every=100))`, launched with
+`hvdclip-run --elastic --min-np N --max-np M --host-discovery-script S` (Horovod's elastic mode,
+Gloo), runs the epochs inside Horovod's elastic loop (`horovod.common.elastic.run_fn`):
+
+    sync (broadcast from rank 0) -> train, committing every n steps and at each epoch end
+      a collective fails (a rank died)  -> restore the last commit -> shutdown, init -> sync -> train
+      discovery changed (at a commit)   -> shutdown, init (the new ranks join) -> sync -> train
+
+What a commit holds, and a sync sends, is what the start-up broadcast sends: the model's
+variables, the optimizer's, the clip state (AutoClip history, ZClip statistics), the skip counters
+and `fit`'s position and RNG. A commit is a copy to host memory on every rank, plus one small
+broadcast to learn of discovery changes. On a re-entry `fit` re-shards the data for the new world
+size and continues its epoch from the committed step, exactly as a checkpoint restored at that
+world size would (`docs/elastic.md` states what that proves).
+
+The learning-rate rule for the new size is `Elastic(learning_rate=...)`: `"scale"` keeps the
+per-example rate (the rate is proportional to the number of ranks, as the linear scaling rule and
+`ScaledWarmup` have it); `"keep"` leaves it alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import horovod.tensorflow as hvd
+import numpy as np
+import tensorflow as tf
+from horovod.common.elastic import State, run_fn
+from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
+from horovod.tensorflow.functions import broadcast_object
+
+from hvdclip.distributed.watchdog import default_watchdog
+from hvdclip.keras.schedules import ScaledWarmup
+from hvdclip.validation import check_int
+
+__all__ = ["Elastic", "ElasticState", "launched_elastically", "rescale_learning_rate", "run_elastic"]
+
+LEARNING_RATE_RULES = ("scale", "keep")
+
+
+@dataclass(frozen=True)
+class Elastic:
+    """How `HvdClipTrainer.fit` runs in an elastic job (`hvdclip-run --elastic`).
+
+    Args:
+        commit_every: commit the state every this many global steps (and at every epoch end);
+            `None` commits at epoch ends only. A failure loses the work since the last commit;
+            a commit costs a copy of the state to host memory and one small broadcast.
+        learning_rate: what a change of world size does to the optimizer's learning rate.
+            `"scale"` (default) keeps the rate per example: it is multiplied by new size / old
+            size (a `ScaledWarmup` schedule gets the new size instead). `"keep"` leaves it.
+
+    Example:
+        >>> trainer.fit(dataset, epochs=10, elastic=hvdclip.Elastic(commit_every=50))
+    """
+
+    commit_every: int | None = 100
+    learning_rate: str = "scale"
+
+    def __post_init__(self) -> None:
+        if self.commit_every is not None:
+            check_int("commit_every", self.commit_every, ge=1)
+        if self.learning_rate not in LEARNING_RATE_RULES:
+            raise ValueError(
+                f"`learning_rate` must be one of {LEARNING_RATE_RULES}. Received: learning_rate={self.learning_rate!r}"
+            )
+
+
+def check_elastic(value: Any) -> Elastic | None:
+    if value is None or isinstance(value, Elastic):
+        return value
+    if value is True:
+        return Elastic()
+    raise TypeError(f"`elastic` must be an `hvdclip.Elastic(...)`, True or None. Received: elastic={value!r}")
+
+
+def launched_elastically() -> bool:
+    """Whether this process is a worker of an elastic job (`hvdclip-run --elastic`, horovodrun's elastic mode)."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
+
+
+def rescale_learning_rate(optimizer: Any, old_size: int, new_size: int) -> None:
+    """Keeps the per-example learning rate when the world size goes from `old_size` to `new_size`.
+
+    A rate held in a variable is multiplied by `new_size / old_size`; a `ScaledWarmup` schedule is
+    given `new_size` (its factor at each step follows). Any other schedule cannot be rescaled:
+    use `Elastic(learning_rate="keep")` or wrap it in `ScaledWarmup`. Every rank must call it with
+    the same sizes, so the result is the same everywhere.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # A LossScaleOptimizer's rate is its inner one's.
+    rate = inner._learning_rate
+    if isinstance(rate, ScaledWarmup):
+        rate.size = new_size  # A Python number in the compiled step: the caller retraces.
+    elif isinstance(rate, tf.Variable) or hasattr(rate, "assign"):
+        rate.assign(rate * (new_size / old_size))
+    else:
+        raise ValueError(
+            f"Elastic(learning_rate='scale') cannot rescale a {type(rate).__name__} learning rate. Wrap it in "
+            "`hvdclip.ScaledWarmup`, or pass `Elastic(learning_rate='keep')`."
+        )
+
+
+def check_rescalable(optimizer: Any) -> None:
+    """Raises at the start of `fit` (not at the first reset) if `rescale_learning_rate` could not work."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    rate = inner._learning_rate
+    if not (isinstance(rate, ScaledWarmup) or isinstance(rate, tf.Variable) or hasattr(rate, "assign")):
+        raise ValueError(
+            f"Elastic(learning_rate='scale') cannot rescale a {type(rate).__name__} learning rate at a change of "
+            "world size. Wrap the schedule in `hvdclip.ScaledWarmup`, or pass `Elastic(learning_rate='keep')`."
+        )
+
+
+class ElasticState(State):
+    """The trainer's whole state for Horovod's elastic loop: committed, restored, synchronised.
+
+    `save` copies every variable the start-up broadcast sends to host memory (this rank's values:
+    seed generators differ per rank, rank-local BatchNorm statistics too); `restore` puts the copy
+    back and drops the history of epochs finished after it; `sync` broadcasts rank 0's state to
+    every rank of the new world (the start-up broadcast again, with its structure check), agrees on
+    the size the learning rate was set for and applies the learning-rate rule.
+
+    Attributes:
+        lr_size: the world size the optimizer's learning rate is set for (rank 0's at the start).
+        commits, resets: how many of each this rank has done.
+        reset_log: one `(cause, old size, new size, committed step, seconds)` per reset.
+    """
+
+    def __init__(self, trainer: Any, policy: Elastic, history: Any, sample_batch: Any) -> None:
+        super().__init__(bcast_object=_broadcast_object, get_rank=hvd.rank)
+        self._trainer = trainer
+        self._policy = policy
+        self._history = history
+        self._sample_batch = sample_batch
+        self._saved: tuple | None = None
+        self.lr_size = hvd.size()
+        self._traced_size = hvd.size()
+        self.commits = 0
+        self.resets = 0
+        self.reset_log: list[tuple[str, int, int, int, float]] = []
+        self._reset_started: tuple[str, int, float] | None = None
+
+    # ------------------------------------------------------------------ Horovod's State interface
+
+    def save(self) -> None:
+        named = self._trainer.named_state_variables()
+        values = [np.array(variable.numpy(), copy=True) for _, variable in named]
+        history = ({name: len(values) for name, values in self._history.history.items()}, len(self._history.epochs))
+        self._saved = (values, self.lr_size, history)
+
+    def restore(self) -> None:
+        if self._saved is None:
+            return
+        values, self.lr_size, (lengths, epochs) = self._saved
+        for (_, variable), value in zip(self._trainer.named_state_variables(), values):
+            variable.assign(value)
+        for name in list(self._history.history):
+            if name in lengths:
+                del self._history.history[name][lengths[name] :]
+            else:
+                del self._history.history[name]
+        del self._history.epochs[epochs:]
+
+    def sync(self) -> None:
+        trainer = self._trainer
+        with default_watchdog().section("the elastic state's broadcast from rank 0"):
+            if trainer.started:
+                trainer.rebroadcast()
+            else:
+                trainer.start(self._sample_batch)
+            self.lr_size = self._bcast_object(self.lr_size)
+        size = hvd.size()
+        if self._policy.learning_rate == "scale" and self.lr_size != size:
+            rescale_learning_rate(trainer.optimizer, self.lr_size, size)
+            self.lr_size = size
+        if size != self._traced_size:
+            trainer.retrace()  # Whatever the step read from Python at trace time (a schedule's size).
+            self._traced_size = size
+        if self._reset_started is not None:
+            cause, old_size, started = self._reset_started
+            self.reset_log.append((cause, old_size, size, int(trainer.global_step.numpy()), time.monotonic() - started))
+            self._reset_started = None
+            if hvd.rank() == 0:
+                print(
+                    f"hvdclip elastic: {cause}; world size {old_size} -> {size}; continuing from the commit at global "
+                    f"step {int(trainer.global_step.numpy())} after {self.reset_log[-1][-1]:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        self.save()  # A failure before the first commit comes back here.
+
+    def reset(self) -> None:
+        """After a failure or a discovery change, before the next sync: drop what no commit holds."""
+        self._trainer.discard_partial_accumulation()
+        self._trainer.fit_state.resume_pending = True  # Re-entered, `fit` continues from the committed position.
+        self.resets += 1
+
+    # ------------------------------------------------------------------ hvdclip's use
+
+    def commit(self) -> None:
+        """Saves the state and raises `HostsUpdatedInterrupt` on every rank if discovery changed."""
+        self.commits += 1
+        super().commit()
+
+    def maybe_commit(self, global_step: int, *, epoch_end: bool = False) -> None:
+        """Commits at epoch ends and every `commit_every` steps, between optimizer steps only."""
+        if not self._trainer.between_optimizer_steps():
+            return
+        every = self._policy.commit_every
+        if epoch_end or (every is not None and global_step % every == 0):
+            self.commit()
+
+    def began_reset(self, cause: str, old_size: int) -> None:
+        self._reset_started = (cause, old_size, time.monotonic())
+
+
+def _broadcast_object(obj: Any) -> Any:
+    return broadcast_object(obj, root_rank=0, name="hvdclip_elastic_object")
+
+
+def _is_collective_failure(error: tf.errors.OpError) -> bool:
+    """A failed Horovod collective (a peer died or left): what Horovod's elastic loop recovers from."""
+    return "horovod" in str(error.message).lower()
+
+
+def run_elastic(state: ElasticState, train: Callable[[ElasticState], Any]) -> Any:
+    """Runs `train(state)` in Horovod's elastic loop, recovering from failed collectives and resizes.
+
+    `train` must run every collective of the job after the loop's first sync (Horovod's rule: a
+    collective outside it could pair with a joining worker's sync and deadlock).
+    """
+
+    def attempt(state: ElasticState) -> Any:
+        size = hvd.size()
+        try:
+            return train(state)
+        except HorovodInternalError:
+            state.began_reset("a rank failed", size)
+            raise
+        except HostsUpdatedInterrupt:
+            state.began_reset("the hosts changed", size)
+            raise
+        except tf.errors.OpError as error:
+            if not _is_collective_failure(error):
+                raise
+            state.began_reset(f"a collective failed ({type(error).__name__})", size)
+            raise HorovodInternalError(error) from error
+
+    return run_fn(attempt, _reset)(state)
+
+
+def _reset() -> None:
+    hvd.shutdown()
+    hvd.init()
