@@ -1,6 +1,7 @@
 """`hvdclip-run` (also `python -m hvdclip.launch`): argument parsing and the top-level flow.
 
     hvdclip-run -np 8 -H node1:4,node2:4 --backend mpirun -- python train.py --epochs 3
+    hvdclip-run --elastic --min-np 2 --max-np 8 --host-discovery-script ./discover_hosts.sh -- python train.py
 
 The flow is: parse -> `LaunchSettings` -> `build_command` -> print it (`--dry-run`) or hand it to the
 executor. Mistakes in the arguments and in the environment end in one line on stderr and exit code 2.
@@ -20,7 +21,7 @@ from hvdclip.errors import LauncherError
 from hvdclip.launch.commands import build_command, default_backend, find_program
 from hvdclip.launch.executor import Executor, run_job
 from hvdclip.launch.hosts import parse_host_list, read_hostfile
-from hvdclip.launch.settings import BACKENDS, DEFAULT_MCA, DEFAULT_SSH_OPTIONS, LaunchSettings
+from hvdclip.launch.settings import BACKENDS, DEFAULT_ELASTIC_TIMEOUT_S, DEFAULT_MCA, DEFAULT_SSH_OPTIONS, LaunchSettings
 
 __all__ = ["main", "parse_args"]
 
@@ -41,11 +42,13 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Example: hvdclip-run -np 8 -H node1:4,node2:4 -- python train.py",
     )
     job = parser.add_argument_group("job")
-    job.add_argument("-np", "--num-proc", dest="num_proc", required=True, metavar="N", help="number of ranks")
+    job.add_argument(
+        "-np", "--num-proc", dest="num_proc", metavar="N", help="number of ranks (elastic: to start with; default --min-np)"
+    )
     job.add_argument(
         "--backend",
         choices=BACKENDS,
-        help="program that starts the ranks (default: srun inside a Slurm allocation, else horovodrun)",
+        help="program that starts the ranks (default: srun inside a Slurm allocation without --elastic, else horovodrun)",
     )
     job.add_argument("--timeout", metavar="S", help="stop the whole job after S seconds (exit code 124)")
     job.add_argument("--dry-run", action="store_true", help="print the command and run nothing")
@@ -109,6 +112,27 @@ def _parser() -> argparse.ArgumentParser:
         "(HVDCLIP_STEP_TIMEOUT; default 60; `off` disables)",
     )
 
+    elastic = parser.add_argument_group("elastic jobs (horovodrun with Gloo; see docs/launching.md and docs/elastic.md)")
+    elastic.add_argument(
+        "--elastic", action="store_true", help="ranks come and go with the hosts the discovery script lists (implies --gloo)"
+    )
+    elastic.add_argument("--min-np", "--min-num-proc", dest="min_np", metavar="N", help="fewest ranks to train with")
+    elastic.add_argument("--max-np", "--max-num-proc", dest="max_np", metavar="N", help="most ranks to run")
+    elastic.add_argument(
+        "--host-discovery-script",
+        metavar="FILE",
+        help="executable printing one `host:slots` line per available host; horovodrun runs it every second",
+    )
+    elastic.add_argument("--slots-per-host", metavar="N", help="slots of a host the script prints without `:slots`")
+    elastic.add_argument(
+        "--elastic-timeout",
+        metavar="S",
+        help=f"seconds to wait for enough slots, at the start and after each change of hosts (default {DEFAULT_ELASTIC_TIMEOUT_S})",
+    )
+    elastic.add_argument(
+        "--reset-limit", metavar="N", help="times the job may re-form after a change of hosts before it fails (default: no limit)"
+    )
+
     parser.add_argument("command", nargs=argparse.REMAINDER, help="after `--`: the program each rank runs")
     return parser
 
@@ -123,6 +147,29 @@ def _number(flag: str, text: str | None, kind: type, what: str) -> int | float |
         raise ValueError(f"`{flag}` must be {what}. Received: {flag}={text}") from None
 
 
+def _elastic_options(args: argparse.Namespace) -> dict:
+    """`LaunchSettings` keywords of the elastic flags; an elastic flag without `--elastic` is refused."""
+    timeout = _number("--elastic-timeout", args.elastic_timeout, int, "an integer >= 1")
+    script = args.host_discovery_script
+    options = {
+        "elastic": args.elastic,
+        "min_num_proc": _number("--min-np", args.min_np, int, "an integer >= 1"),
+        "max_num_proc": _number("--max-np", args.max_np, int, "an integer >= 1"),
+        # Absolute: horovodrun hands it to a shell, which would look a bare name up on PATH.
+        "host_discovery_script": os.path.abspath(script) if script else script,
+        "slots_per_host": _number("--slots-per-host", args.slots_per_host, int, "an integer >= 1"),
+        "elastic_timeout_s": DEFAULT_ELASTIC_TIMEOUT_S if timeout is None else timeout,
+        "reset_limit": _number("--reset-limit", args.reset_limit, int, "an integer >= 0"),
+    }
+    if not args.elastic:
+        # LaunchSettings cannot tell an --elastic-timeout given as 600 from the default, so the check is here too.
+        for flag in ("--min-np", "--max-np", "--host-discovery-script", "--slots-per-host", "--elastic-timeout", "--reset-limit"):
+            value = getattr(args, flag[2:].replace("-", "_"))
+            if value is not None:
+                raise ValueError(f"`{flag}` is for elastic jobs: add `--elastic`, or drop `{flag}`. Received: {flag}={value} without --elastic")
+    return options
+
+
 def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[LaunchSettings, argparse.Namespace]:
     """Parses a command line into `LaunchSettings` plus the options that are not part of the command.
 
@@ -131,6 +178,19 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[LaunchS
     """
     args = _parser().parse_args(list(argv))
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.elastic and (args.hosts is not None or args.hostfile is not None):
+        flag, value = ("-H", args.hosts) if args.hosts is not None else ("--hostfile", args.hostfile)
+        raise ValueError(
+            f"`{flag}` cannot be used with `--elastic`, which takes its hosts from `--host-discovery-script`: list the "
+            f"hosts in the discovery script instead, one `host:slots` per line. Received: {flag}={value} with --elastic"
+        )
+    elastic = _elastic_options(args)
+    num_proc = _number("-np", args.num_proc, int, "an integer >= 1")
+    if num_proc is None:
+        if not args.elastic:
+            raise ValueError("the following arguments are required: -np/--num-proc")
+        # horovodrun needs -np; an elastic job starts with its minimum (LaunchSettings says if that is missing).
+        num_proc = elastic["min_num_proc"] or 1
     hosts = ()
     if args.hosts is not None:
         hosts = parse_host_list(args.hosts)
@@ -145,9 +205,10 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[LaunchS
         step_timeout = None if text.lower() == "off" else _number("--step-timeout", text, float, "a number of seconds > 0 or `off`")
     gloo_timeout = _number("--gloo-timeout", args.gloo_timeout, int, "an integer >= 1")
     settings = LaunchSettings(
-        num_proc=_number("-np", args.num_proc, int, "an integer >= 1"),
+        num_proc=num_proc,
         command=tuple(command),
-        backend=args.backend or default_backend(environ),
+        # Elastic jobs exist only under horovodrun, also inside a Slurm allocation.
+        backend=args.backend or ("horovodrun" if args.elastic else default_backend(environ)),
         hosts=hosts,
         controller=args.controller,
         env=tuple(args.env),
@@ -162,6 +223,7 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[LaunchS
         mca=tuple(args.mca),
         gloo_timeout_s=30 if gloo_timeout is None else gloo_timeout,
         step_timeout_s=step_timeout,
+        **elastic,
     )
     return settings, args
 

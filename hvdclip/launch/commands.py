@@ -7,6 +7,7 @@ leaves the program as a bare name (`find_program` resolves it), so tests compare
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 from collections.abc import Mapping
@@ -93,15 +94,18 @@ def _horovodrun(settings: LaunchSettings, environ: Mapping[str, str], as_root: b
     for name, value in failure_env(settings).items():
         argv += ["--env", f"{name}={value}"]
     argv += ["-np", str(settings.num_proc), *_hosts_arg(settings)]
-    if settings.controller:
-        argv.append(f"--{settings.controller}")
+    controller = settings.effective_controller
+    if controller:
+        argv.append(f"--{controller}")
+    if settings.elastic:
+        argv += _elastic_args(settings)
     if settings.ssh_port is not None:
         argv += ["--ssh-port", str(settings.ssh_port)]
     if settings.ssh_identity_file is not None:
         argv += ["--ssh-identity-file", settings.ssh_identity_file]
     if settings.network_interfaces:
         argv += ["--network-interfaces", ",".join(settings.network_interfaces)]
-    if settings.controller != "gloo":
+    if controller != "gloo":
         # horovodrun gives its mpirun btl_tcp_if_include itself; the rest reaches it only this way.
         argv += ["--mpi-args", " ".join(_mca_args(settings, btl_nics=False))]
     if settings.fusion_threshold_mb is not None:
@@ -110,6 +114,22 @@ def _horovodrun(settings: LaunchSettings, environ: Mapping[str, str], as_root: b
         argv += ["--cycle-time-ms", f"{settings.cycle_time_ms:g}"]
     if settings.verbose:
         argv.append("--verbose")
+    return argv
+
+
+def _elastic_args(settings: LaunchSettings) -> list[str]:
+    """horovodrun's elastic flags; the wait for hosts is always given, so that it is seen bounded."""
+    # horovodrun runs the discovery script through a shell (and again every second), so the path is
+    # quoted for it: unchanged for an ordinary path, still one word with spaces in it.
+    argv = [
+        "--min-np", str(settings.min_num_proc), "--max-np", str(settings.max_num_proc),
+        "--host-discovery-script", shlex.quote(str(settings.host_discovery_script)),
+    ]  # fmt: skip
+    if settings.slots_per_host is not None:
+        argv += ["--slots-per-host", str(settings.slots_per_host)]
+    argv += ["--elastic-timeout", str(settings.elastic_timeout_s)]
+    if settings.reset_limit is not None:
+        argv += ["--reset-limit", str(settings.reset_limit)]
     return argv
 
 

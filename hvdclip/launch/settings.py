@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
 from hvdclip.launch.hosts import Host, _refuse_repeats, total_slots
 from hvdclip.validation import check_bool, check_int, check_number, check_strings
 
-__all__ = ["BACKENDS", "CONTROLLERS", "DEFAULT_MCA", "DEFAULT_SSH_OPTIONS", "LaunchSettings"]
+__all__ = ["BACKENDS", "CONTROLLERS", "DEFAULT_ELASTIC_TIMEOUT_S", "DEFAULT_MCA", "DEFAULT_SSH_OPTIONS", "LaunchSettings"]
 
 BACKENDS = ("horovodrun", "mpirun", "srun")
 CONTROLLERS = ("gloo", "mpi")
@@ -24,6 +25,17 @@ _KEY_VALUE = re.compile(r"([A-Za-z][A-Za-z0-9_]*)=(\S+)")
 # `--ssh-option` or `--mca` of the same key.
 DEFAULT_SSH_OPTIONS = (("ServerAliveInterval", "5"), ("ServerAliveCountMax", "3"))
 DEFAULT_MCA = (("oob_tcp_keepalive_time", "5"), ("oob_tcp_keepalive_intvl", "2"), ("oob_tcp_keepalive_probes", "3"))
+# Elastic jobs: how long horovodrun's driver waits for the discovery script to offer enough slots, at
+# the start and after every change of hosts (Horovod's own default, passed explicitly so it is seen).
+DEFAULT_ELASTIC_TIMEOUT_S = 600
+# Elastic settings that only mean something with `elastic=True`: (attribute, flag).
+_ELASTIC_ONLY = (
+    ("min_num_proc", "--min-np"),
+    ("max_num_proc", "--max-np"),
+    ("host_discovery_script", "--host-discovery-script"),
+    ("slots_per_host", "--slots-per-host"),
+    ("reset_limit", "--reset-limit"),
+)
 
 
 @dataclass(frozen=True)
@@ -49,9 +61,22 @@ class LaunchSettings:
         gloo_timeout_s: seconds a Gloo rendezvous or collective may wait (HOROVOD_GLOO_TIMEOUT_SECONDS).
         step_timeout_s: seconds a training step or collective may take before the rank's watchdog ends
             it (HVDCLIP_STEP_TIMEOUT); None turns the watchdog off.
+        elastic: an elastic job (horovodrun with Gloo): ranks come and go as the discovery script's
+            hosts do; `num_proc` is the number to start with.
+        min_num_proc: elastic: fewest ranks to train with (`--min-np`).
+        max_num_proc: elastic: most ranks to run (`--max-np`).
+        host_discovery_script: elastic: an executable that prints one `host:slots` line per available
+            host; it replaces `hosts`.
+        slots_per_host: elastic: slots of a host the script prints without `:slots`.
+        elastic_timeout_s: elastic: seconds horovodrun waits for enough slots, at the start and
+            after each change of hosts.
+        reset_limit: elastic: how many times the job may re-form after a change of hosts before it
+            fails; None puts no limit.
 
     Example:
         >>> LaunchSettings(num_proc=2, command=("python", "train.py"), backend="mpirun")
+        >>> LaunchSettings(num_proc=2, command=("python", "train.py"), elastic=True, min_num_proc=2,
+        ...                max_num_proc=4, host_discovery_script="/jobs/discover_hosts.sh")
     """
 
     num_proc: int
@@ -71,6 +96,13 @@ class LaunchSettings:
     mca: tuple[str, ...] = ()
     gloo_timeout_s: int = 30
     step_timeout_s: float | None = 60.0
+    elastic: bool = False
+    min_num_proc: int | None = None
+    max_num_proc: int | None = None
+    host_discovery_script: str | None = None
+    slots_per_host: int | None = None
+    elastic_timeout_s: int = DEFAULT_ELASTIC_TIMEOUT_S
+    reset_limit: int | None = None
 
     def __post_init__(self) -> None:
         check_int("-np", self.num_proc, ge=1)
@@ -124,6 +156,63 @@ class LaunchSettings:
         check_int("--gloo-timeout", self.gloo_timeout_s, ge=1)
         if self.step_timeout_s is not None:
             check_number("--step-timeout", self.step_timeout_s, gt=0)
+        self._check_elastic()
+
+    def _check_elastic(self) -> None:
+        # Each value on its own first, then how they fit together.
+        check_bool("--elastic", self.elastic)
+        if self.min_num_proc is not None:
+            check_int("--min-np", self.min_num_proc, ge=1)
+        if self.max_num_proc is not None:
+            check_int("--max-np", self.max_num_proc, ge=1)
+        if self.host_discovery_script is not None:
+            _check_script(self.host_discovery_script)
+        if self.slots_per_host is not None:
+            check_int("--slots-per-host", self.slots_per_host, ge=1)
+        # Horovod reads 0 as "not given" and waits its default 600 s instead.
+        check_int("--elastic-timeout", self.elastic_timeout_s, ge=1)
+        if self.reset_limit is not None:
+            check_int("--reset-limit", self.reset_limit, ge=0)
+        if not self.elastic:
+            given = [(flag, getattr(self, name)) for name, flag in _ELASTIC_ONLY if getattr(self, name) is not None]
+            if self.elastic_timeout_s != DEFAULT_ELASTIC_TIMEOUT_S:
+                given.append(("--elastic-timeout", self.elastic_timeout_s))
+            if given:
+                flag, value = given[0]
+                raise ValueError(f"`{flag}` is for elastic jobs: add `--elastic`, or drop `{flag}`. Received: {flag}={value} without --elastic")
+            return
+        if self.backend != "horovodrun":
+            # Horovod's elastic driver is part of horovodrun; mpirun and srun start a fixed set of ranks.
+            raise ValueError(
+                f"`--elastic` needs `--backend horovodrun` (elastic jobs run on horovodrun's Gloo driver). "
+                f"Received: --elastic with --backend={self.backend}"
+            )
+        if self.controller == "mpi":
+            raise ValueError("`--elastic` runs on Gloo, not MPI: drop `--mpi` (`--elastic` implies `--gloo`). Received: --elastic with --mpi")
+        if self.hosts:
+            raise ValueError(
+                "`-H`/`--hostfile` cannot be used with `--elastic`, which takes its hosts from `--host-discovery-script`: "
+                f"list the hosts in the discovery script instead, one `host:slots` per line. Received: hosts "
+                f"{','.join(map(str, self.hosts))} with --elastic"
+            )
+        for name, flag in _ELASTIC_ONLY[:3]:
+            if getattr(self, name) is None:
+                example = "hvdclip-run --elastic --min-np 2 --max-np 4 --host-discovery-script ./discover_hosts.sh -- python train.py"
+                raise ValueError(f"`--elastic` needs `{flag}`, e.g. `{example}`. Received: --elastic without {flag}")
+        if self.max_num_proc < self.min_num_proc:
+            raise ValueError(
+                f"`--max-np` must be >= `--min-np` ({self.min_num_proc}). Received: --max-np={self.max_num_proc}"
+            )
+        if not self.min_num_proc <= self.num_proc <= self.max_num_proc:
+            raise ValueError(
+                f"`-np` of an elastic job is the number of ranks to start with: between `--min-np` ({self.min_num_proc}) "
+                f"and `--max-np` ({self.max_num_proc}), or left out to start with --min-np. Received: -np={self.num_proc}"
+            )
+
+    @property
+    def effective_controller(self) -> str | None:
+        """The controller horovodrun runs: Gloo for an elastic job, else `controller`."""
+        return "gloo" if self.elastic else self.controller
 
     def ssh_option_values(self) -> dict[str, str]:
         """The ssh options in effect: the defaults, then `ssh_options` (a repeated key keeps its last value)."""
@@ -132,3 +221,15 @@ class LaunchSettings:
     def mca_values(self) -> dict[str, str]:
         """The Open MPI parameters in effect: the defaults, then `mca` (a repeated name keeps its last value)."""
         return {**dict(DEFAULT_MCA), **dict(item.split("=", 1) for item in self.mca)}
+
+
+def _check_script(path: object) -> None:
+    """The discovery script must be an executable file: horovodrun runs it, every second, as a command."""
+    flag = "--host-discovery-script"
+    if not isinstance(path, str) or not path:
+        error = ValueError if isinstance(path, str) else TypeError
+        raise error(f"`{flag}` must be the path of an executable file that prints `host:slots` lines. Received: {flag}={path!r}")
+    if not os.path.isfile(path):
+        raise ValueError(f"`{flag}` must be the path of an existing file. Received: {flag}={path} (no such file)")
+    if not os.access(path, os.X_OK):
+        raise ValueError(f"`{flag}` must be executable: run `chmod +x {path}`. Received: {flag}={path} (not executable)")

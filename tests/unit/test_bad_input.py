@@ -418,6 +418,24 @@ SETTINGS = table(
     ("gloo_timeout_s", "range", 0, ValueError, r"^`--gloo-timeout` must be an integer >= 1\. Received: --gloo-timeout=0$", "--gloo-timeout"),
     ("step_timeout_s", "type", "60", TypeError, r"^`--step-timeout` must be a number > 0\. Received: --step-timeout='60'$", "--step-timeout"),
     ("step_timeout_s", "range", -1.0, ValueError, r"^`--step-timeout` must be a number > 0\. Received: --step-timeout=-1\.0$", "--step-timeout"),
+    # The elastic settings: each value is checked on its own before `elastic=False` refuses it.
+    ("elastic", "type", "yes", TypeError, r"^`--elastic` must be True or False\. Received: --elastic='yes'$", "--elastic"),
+    ("min_num_proc", "type", "2", TypeError, r"^`--min-np` must be an integer >= 1\. Received: --min-np='2'$", "--min-np"),
+    ("min_num_proc", "range", 0, ValueError, r"^`--min-np` must be an integer >= 1\. Received: --min-np=0$", "--min-np"),
+    ("max_num_proc", "type", 4.0, TypeError, r"^`--max-np` must be an integer >= 1\. Received: --max-np=4\.0$", "--max-np"),
+    ("max_num_proc", "range", -4, ValueError, r"^`--max-np` must be an integer >= 1\. Received: --max-np=-4$", "--max-np"),
+    ("host_discovery_script", "type", 3, TypeError,
+     r"^`--host-discovery-script` must be the path of an executable file that prints `host:slots` lines\. Received: --host-discovery-script=3$",
+     "--host-discovery-script"),
+    ("host_discovery_script", "range", "/no/such/discover.sh", ValueError,
+     r"^`--host-discovery-script` must be the path of an existing file\. Received: --host-discovery-script=/no/such/discover\.sh \(no such file\)$",
+     "--host-discovery-script"),
+    ("slots_per_host", "type", "2", TypeError, r"^`--slots-per-host` must be an integer >= 1\. Received: --slots-per-host='2'$", "--slots-per-host"),
+    ("slots_per_host", "range", 0, ValueError, r"^`--slots-per-host` must be an integer >= 1\. Received: --slots-per-host=0$", "--slots-per-host"),
+    ("elastic_timeout_s", "type", 1.5, TypeError, r"^`--elastic-timeout` must be an integer >= 1\. Received: --elastic-timeout=1\.5$", "--elastic-timeout"),
+    ("elastic_timeout_s", "range", 0, ValueError, r"^`--elastic-timeout` must be an integer >= 1\. Received: --elastic-timeout=0$", "--elastic-timeout"),
+    ("reset_limit", "type", "3", TypeError, r"^`--reset-limit` must be an integer >= 0\. Received: --reset-limit='3'$", "--reset-limit"),
+    ("reset_limit", "range", -1, ValueError, r"^`--reset-limit` must be an integer >= 0\. Received: --reset-limit=-1$", "--reset-limit"),
 )  # fmt: skip
 
 
@@ -457,6 +475,8 @@ def cli_table(*rows: tuple) -> list:
 
 # Text flags: "type" is a value that does not parse as the flag's kind (or is missing), "range"
 # one that parses but is not allowed. Flags that take no value: "type" only (a value given to them).
+# An elastic job that is right but for the case's own arguments; {tmp}/discover.sh is executable.
+ELASTIC = ["--elastic", "--min-np", "2", "--max-np", "2", "--host-discovery-script", "{tmp}/discover.sh"]
 CLI = cli_table(
     ("-np", "type", ["-np", "two"], r"`-np` must be an integer >= 1\. Received: -np=two$"),
     ("-np", "range", ["-np", "0"], r"`-np` must be an integer >= 1\. Received: -np=0$"),
@@ -494,6 +514,40 @@ CLI = cli_table(
     ("--gloo-timeout", "range", ["--gloo-timeout", "0"], r"`--gloo-timeout` must be an integer >= 1\. Received: --gloo-timeout=0$"),
     ("--step-timeout", "type", ["--step-timeout", "never"], r"`--step-timeout` must be a number of seconds > 0 or `off`\. Received: --step-timeout=never$"),
     ("--step-timeout", "range", ["--step-timeout", "0"], r"`--step-timeout` must be a number > 0\. Received: --step-timeout=0\.0$"),
+    # Elastic jobs: each flag on its own, then what does not fit together.
+    ("-np", "range", [*ELASTIC, "-np", "3"], r"`-np` of an elastic job is the number of ranks to start with: between `--min-np` \(2\) "
+     r"and `--max-np` \(2\), or left out to start with --min-np\. Received: -np=3$"),
+    ("-H", "range", [*ELASTIC, "-H", "a:2,b:2"], r"`-H` cannot be used with `--elastic`, which takes its hosts from `--host-discovery-script`: "
+     r"list the hosts in the discovery script instead, one `host:slots` per line\. Received: -H=a:2,b:2 with --elastic$"),
+    ("--hostfile", "range", [*ELASTIC, "--hostfile", "{tmp}/hosts"], r"`--hostfile` cannot be used with `--elastic`, .*Received: --hostfile=.*/hosts with --elastic$"),
+    ("--elastic", "type", ["--elastic=1"], r"argument --elastic: ignored explicit argument '1'$"),
+    ("--elastic", "range", [*ELASTIC, "--mpi"], r"`--elastic` runs on Gloo, not MPI: drop `--mpi` \(`--elastic` implies `--gloo`\)\. Received: --elastic with --mpi$"),
+    ("--elastic", "range", [*ELASTIC, "--backend", "mpirun"], r"`--elastic` needs `--backend horovodrun` \(elastic jobs run on horovodrun's Gloo driver\)\. "
+     r"Received: --elastic with --backend=mpirun$"),
+    ("--elastic", "range", [*ELASTIC, "--backend", "srun"], r"`--elastic` needs `--backend horovodrun` .*Received: --elastic with --backend=srun$"),
+    ("--min-np", "type", [*ELASTIC, "--min-np", "two"], r"`--min-np` must be an integer >= 1\. Received: --min-np=two$"),
+    ("--min-np", "range", [*ELASTIC, "--min-np", "0"], r"`--min-np` must be an integer >= 1\. Received: --min-np=0$"),
+    ("--min-np", "range", ["--elastic", "--max-np", "2", "--host-discovery-script", "{tmp}/discover.sh"],
+     r"`--elastic` needs `--min-np`, e\.g\. `hvdclip-run --elastic --min-np 2 .*`\. Received: --elastic without --min-np$"),
+    ("--min-np", "range", ["--min-np", "2"], r"`--min-np` is for elastic jobs: add `--elastic`, or drop `--min-np`\. Received: --min-np=2 without --elastic$"),
+    ("--max-np", "type", [*ELASTIC, "--max-np", "2.5"], r"`--max-np` must be an integer >= 1\. Received: --max-np=2\.5$"),
+    ("--max-np", "range", [*ELASTIC, "--max-np", "1"], r"`--max-np` must be >= `--min-np` \(2\)\. Received: --max-np=1$"),
+    ("--max-np", "range", ["--elastic", "--min-np", "2", "--host-discovery-script", "{tmp}/discover.sh"], r"`--elastic` needs `--max-np`, .*Received: --elastic without --max-np$"),
+    ("--host-discovery-script", "type", ["--host-discovery-script"], r"argument --host-discovery-script: expected one argument$"),
+    ("--host-discovery-script", "range", [*ELASTIC, "--host-discovery-script", "{tmp}/missing.sh"],
+     r"`--host-discovery-script` must be the path of an existing file\. Received: --host-discovery-script=.*/missing\.sh \(no such file\)$"),
+    ("--host-discovery-script", "range", [*ELASTIC, "--host-discovery-script", "{tmp}/hosts"],
+     r"`--host-discovery-script` must be executable: run `chmod \+x .*/hosts`\. Received: --host-discovery-script=.*/hosts \(not executable\)$"),
+    ("--host-discovery-script", "range", ["--elastic", "--min-np", "2", "--max-np", "2"],
+     r"`--elastic` needs `--host-discovery-script`, .*Received: --elastic without --host-discovery-script$"),
+    ("--slots-per-host", "type", [*ELASTIC, "--slots-per-host", "two"], r"`--slots-per-host` must be an integer >= 1\. Received: --slots-per-host=two$"),
+    ("--slots-per-host", "range", [*ELASTIC, "--slots-per-host", "0"], r"`--slots-per-host` must be an integer >= 1\. Received: --slots-per-host=0$"),
+    ("--elastic-timeout", "type", [*ELASTIC, "--elastic-timeout", "10m"], r"`--elastic-timeout` must be an integer >= 1\. Received: --elastic-timeout=10m$"),
+    ("--elastic-timeout", "range", [*ELASTIC, "--elastic-timeout", "0"], r"`--elastic-timeout` must be an integer >= 1\. Received: --elastic-timeout=0$"),
+    ("--elastic-timeout", "range", ["--elastic-timeout", "600"],
+     r"`--elastic-timeout` is for elastic jobs: add `--elastic`, or drop `--elastic-timeout`\. Received: --elastic-timeout=600 without --elastic$"),
+    ("--reset-limit", "type", [*ELASTIC, "--reset-limit", "many"], r"`--reset-limit` must be an integer >= 0\. Received: --reset-limit=many$"),
+    ("--reset-limit", "range", [*ELASTIC, "--reset-limit", "-1"], r"`--reset-limit` must be an integer >= 0\. Received: --reset-limit=-1$"),
     ("command", "type", ["--"], r"A command to run must follow `--`.*Received: command=\[\]$"),
     ("command", "range", ["--", ""], r"A command to run must follow `--`.*Received: command=\[''\]$"),
 )  # fmt: skip
@@ -514,6 +568,8 @@ def refuse_to_run(argv, env, timeout):
 @pytest.mark.parametrize("case", CLI)
 def test_cli_flags(case, tmp_path):
     (tmp_path / "hosts").write_text("node1 slots=0\n")
+    (tmp_path / "discover.sh").write_text("#!/bin/sh\necho localhost:2\n")
+    (tmp_path / "discover.sh").chmod(0o755)
     out, err = io.StringIO(), io.StringIO()
     environ = {"PATH": str(tmp_path), "SET": "1"}  # No launcher on PATH: --dry-run still prints.
     code = main(cli_argv(case, tmp_path), environ=environ, executor=refuse_to_run, stdout=out, stderr=err)

@@ -224,3 +224,40 @@ def test_horovodrun_backend_without_horovod_says_what_to_install(bin_dir, monkey
     code, out, err = run(["-np", "2", "--", "python", "t.py"], {"PATH": str(bin_dir)}, executor)
     assert (code, executor.calls) == (2, [])
     assert err.startswith("hvdclip-run: error: Horovod is not installed in ") and "--backend mpirun" in err
+
+
+@pytest.fixture
+def discovery_script(tmp_path):
+    path = tmp_path / "discover_hosts.sh"
+    path.write_text("#!/bin/sh\necho localhost:2\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_elastic_dry_run_prints_horovodrun_with_its_elastic_flags(bin_dir, discovery_script, monkeypatch):
+    # A relative script path is made absolute: horovodrun's shell would look a bare name up on PATH.
+    monkeypatch.chdir(discovery_script.parent)
+    argv = [
+        "--elastic", "--min-np", "2", "--max-np", "4", "--host-discovery-script", "discover_hosts.sh",
+        "--slots-per-host", "2", "--elastic-timeout", "120", "--reset-limit", "3", "--network-interface", "lo",
+        "--dry-run", "--", "python", "train.py",
+    ]  # fmt: skip
+    code, out, err = run(argv, {"PATH": str(bin_dir)})
+    assert (code, err) == (0, "")
+    assert shlex.split(out) == [
+        *horovodrun(), "-np", "2", "--gloo", "--min-np", "2", "--max-np", "4",
+        "--host-discovery-script", str(discovery_script), "--slots-per-host", "2", "--elastic-timeout", "120",
+        "--reset-limit", "3", "--network-interfaces", "lo", *rank(), "python", "train.py",
+    ]  # fmt: skip
+
+
+def test_elastic_starts_with_np_when_given_and_uses_horovodrun_inside_a_slurm_allocation(bin_dir, discovery_script):
+    executor = FakeExecutor()
+    environ = {"PATH": str(bin_dir), "SLURM_JOB_ID": "12"}
+    argv = ["--elastic", "-np", "3", "--min-np", "2", "--max-np", "4", "--host-discovery-script", str(discovery_script)]
+    code, out, err = run([*argv, "--", "python", "train.py"], environ, executor)
+    assert (code, out, err) == (0, "", "")
+    assert executor.calls[0][0][: len(horovodrun()) + 9] == [
+        *horovodrun(), "-np", "3", "--gloo", "--min-np", "2", "--max-np", "4", "--host-discovery-script", str(discovery_script),
+    ]  # fmt: skip
+    assert executor.calls[0][0][len(horovodrun()) + 9 : len(horovodrun()) + 11] == ["--elastic-timeout", "600"]

@@ -218,3 +218,93 @@ def test_missing_program_says_what_to_install(program, hint, tmp_path, monkeypat
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     with pytest.raises(LauncherError, match=rf"^`{program}` was not found on PATH: .*{hint}"):
         find_program(program, {"PATH": str(tmp_path)})
+
+
+# ------------------------------------------------------------------------------------ elastic
+
+
+@pytest.fixture
+def script(tmp_path):
+    """An executable discovery script (its contents do not matter to the builder)."""
+    path = tmp_path / "discover_hosts.sh"
+    path.write_text("#!/bin/sh\necho localhost:2\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def elastic(script, **overrides):
+    return settings(**{"elastic": True, "min_num_proc": 2, "max_num_proc": 4, "host_discovery_script": script, **overrides})
+
+
+def test_horovodrun_elastic_minimal_implies_gloo_and_bounds_the_wait_for_hosts(script):
+    # No --mpi-args: Gloo runs no mpirun. --elastic-timeout is horovodrun's default, given so it is seen.
+    assert build_command(elastic(script), {}) == [
+        *HOROVODRUN, "-np", "2", "--gloo", "--min-np", "2", "--max-np", "4", "--host-discovery-script", script,
+        "--elastic-timeout", "600", *RANK, *TRAIN,
+    ]  # fmt: skip
+
+
+def test_horovodrun_elastic_passes_every_option_and_keeps_the_failure_defaults(script):
+    job = elastic(
+        script, num_proc=3, controller="gloo", slots_per_host=2, elastic_timeout_s=60, reset_limit=0,
+        network_interfaces=("lo",), ssh_options=("ConnectTimeout=10",), gloo_timeout_s=45, verbose=True,
+    )  # fmt: skip
+    assert build_command(job, {}) == [
+        "python", "-m", "hvdclip.launch.horovodrun",
+        "--ssh-option", "ServerAliveInterval=5", "--ssh-option", "ServerAliveCountMax=3", "--ssh-option", "ConnectTimeout=10",
+        "--env", "HOROVOD_GLOO_TIMEOUT_SECONDS=45", "--env", "HVDCLIP_STEP_TIMEOUT=60",
+        "-np", "3", "--gloo", "--min-np", "2", "--max-np", "4", "--host-discovery-script", script,
+        "--slots-per-host", "2", "--elastic-timeout", "60", "--reset-limit", "0", "--network-interfaces", "lo",
+        "--verbose", "python", "-m", "hvdclip.launch.rank", "--verbose", "--", *TRAIN,
+    ]  # fmt: skip
+
+
+def test_discovery_script_path_is_quoted_for_the_shell_horovodrun_runs_it_in(tmp_path):
+    path = tmp_path / "my jobs" / "discover.sh"
+    path.parent.mkdir()
+    path.write_text("#!/bin/sh\necho localhost:2\n")
+    path.chmod(0o755)
+    argv = build_command(elastic(str(path)), {})
+    assert argv[argv.index("--host-discovery-script") + 1] == f"'{path}'"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"backend": "mpirun"}, r"`--elastic` needs `--backend horovodrun` \(elastic jobs run on horovodrun's Gloo driver\)\. Received: --elastic with --backend=mpirun"),
+        ({"backend": "srun"}, r"`--elastic` needs `--backend horovodrun` .*Received: --elastic with --backend=srun"),
+        ({"controller": "mpi"}, r"`--elastic` runs on Gloo, not MPI: drop `--mpi` \(`--elastic` implies `--gloo`\)\. Received: --elastic with --mpi"),
+        ({"hosts": HOSTS}, r"`-H`/`--hostfile` cannot be used with `--elastic`, .*list the hosts in the discovery script instead, "
+         r"one `host:slots` per line\. Received: hosts node1:4,node2:4 with --elastic"),
+        ({"min_num_proc": None}, r"`--elastic` needs `--min-np`, e\.g\. `hvdclip-run --elastic --min-np 2 .*`\. Received: --elastic without --min-np"),
+        ({"max_num_proc": None}, r"`--elastic` needs `--max-np`, .*Received: --elastic without --max-np"),
+        ({"host_discovery_script": None}, r"`--elastic` needs `--host-discovery-script`, .*Received: --elastic without --host-discovery-script"),
+        ({"min_num_proc": 3, "max_num_proc": 2}, r"`--max-np` must be >= `--min-np` \(3\)\. Received: --max-np=2"),
+        ({"num_proc": 1}, r"`-np` of an elastic job is the number of ranks to start with: between `--min-np` \(2\) and `--max-np` \(4\), "
+         r"or left out to start with --min-np\. Received: -np=1"),
+        ({"num_proc": 5}, r"`-np` of an elastic job .*Received: -np=5"),
+        ({"elastic": False}, r"`--min-np` is for elastic jobs: add `--elastic`, or drop `--min-np`\. Received: --min-np=2 without --elastic"),
+    ],
+)  # fmt: skip
+def test_elastic_settings_refuse_what_does_not_fit_together(overrides, message, script):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        elastic(script, **overrides)
+
+
+@pytest.mark.parametrize(
+    "field, value, flag",
+    [("slots_per_host", 2, "--slots-per-host"), ("elastic_timeout_s", 30, "--elastic-timeout"), ("reset_limit", 0, "--reset-limit")],
+)
+def test_elastic_only_settings_are_refused_without_elastic(field, value, flag):
+    with pytest.raises(ValueError, match=rf"^`{flag}` is for elastic jobs: add `--elastic`, or drop `{flag}`\. Received: {flag}={value} without --elastic$"):
+        settings(**{field: value})
+
+
+def test_discovery_script_must_exist_and_be_executable(tmp_path):
+    missing = str(tmp_path / "nope.sh")
+    with pytest.raises(ValueError, match=rf"^`--host-discovery-script` must be the path of an existing file\. Received: --host-discovery-script={missing} \(no such file\)$"):
+        elastic(missing)
+    plain = tmp_path / "discover.sh"
+    plain.write_text("#!/bin/sh\necho localhost:2\n")
+    with pytest.raises(ValueError, match=rf"^`--host-discovery-script` must be executable: run `chmod \+x {plain}`\. Received: .*\(not executable\)$"):
+        elastic(str(plain))

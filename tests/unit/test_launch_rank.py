@@ -113,3 +113,32 @@ def test_horovodrun_starts_ranks_without_importing_tensorflow(tmp_path):
         assert result.stdout.splitlines()[-1] == "[]", attempt
         assert (tmp_path / "ran").read_text() == "seen"
         assert [p.name.startswith("horovod-build-") for p in (tmp_path / "cache" / "hvdclip").iterdir()] == [True]
+
+
+def test_horovodrun_entry_runs_an_elastic_job_with_its_build_answers_and_ssh_options(tmp_path):
+    # horovodrun's elastic path (`_run_elastic`) asks `gloo_built` too: the entry's answer must be the
+    # one it gets, never the stock check that forks a TensorFlow import. Stock is made to fail here.
+    script = tmp_path / "discover.sh"
+    script.write_text("#!/bin/sh\necho localhost:1\n")
+    script.chmod(0o755)
+    probe = textwrap.dedent(
+        f"""\
+        import sys
+        import horovod.common.util
+        def stock_check(*args, **kwargs):
+            raise SystemExit("horovodrun called the stock build check")
+        horovod.common.util._check_extension_lambda = stock_check
+        from hvdclip.launch import horovodrun
+        from horovod.runner.util import remote
+        horovodrun.main(["--ssh-option", "ServerAliveInterval=5", "--env", "PROBE=seen", "-np", "1", "--gloo",
+                         "--min-np", "1", "--max-np", "1", "--host-discovery-script", {str(script)!r},
+                         "--elastic-timeout", "30", "--network-interfaces", "lo", sys.executable, "-c",
+                         "import os; open({str(tmp_path / 'ran')!r}, 'w').write(os.environ['PROBE'] + os.environ['HOROVOD_ELASTIC'])"])
+        print(remote.SSH_COMMAND_PREFIX)
+        """
+    )
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "ran").read_text() == "seen1"
+    assert result.stdout.splitlines()[-1].endswith(" -o ServerAliveInterval=5")
