@@ -59,8 +59,12 @@ def _by_file(dataset: tf.data.Dataset, size: int, rank: int) -> tf.data.Dataset:
 def _can_shard_by_file(dataset: tf.data.Dataset, size: int, rank: int) -> bool:
     """Whether tf.data can give this rank its own files: the dataset reads files, at least `size` of them.
 
-    Reads at most one element (the rewrite is checked when the first element is fetched).
+    Reads at most one element (the rewrite is checked when the first element is fetched). A dataset
+    with no file reader is answered from its graph, without the rewrite (whose failure TensorFlow
+    logs as an error on every rank).
     """
+    if not _reads_files(dataset):
+        return False
     try:
         for _ in _by_file(dataset, size, rank).take(1):
             pass

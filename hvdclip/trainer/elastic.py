@@ -175,7 +175,9 @@ class ElasticState(State):
                 trainer.rebroadcast()
             else:
                 trainer.start(self._sample_batch)
-            self.lr_size = self._bcast_object(self.lr_size)
+            # Rank 0 decides, so a joining rank (fresh, nothing pending) continues where the others are.
+            fit_state = trainer.fit_state
+            self.lr_size, fit_state.resume_pending = self._bcast_object((self.lr_size, fit_state.resume_pending))
         size = hvd.size()
         if self._policy.learning_rate == "scale" and self.lr_size != size:
             rescale_learning_rate(trainer.optimizer, self.lr_size, size)

@@ -98,19 +98,19 @@ def fit(
     trainer.stop_training = False
     trainer.model.stop_training = False  # What Keras callbacks set to stop.
     loop = _Epochs(trainer, hooks, evaluate, history, epochs, steps_per_epoch, class_weights)
-    resolved = {(runtime.rank(), runtime.size()): (plan.resolved("dataset"), validation and validation.resolved("validation_data"))}
+    first_world = (runtime.rank(), runtime.size())
 
     def resolved_plans() -> tuple[InputPlan, InputPlan | None]:
-        world = (runtime.rank(), runtime.size())
-        if world not in resolved:  # An elastic resize: this world's shards.
-            plan, validation = plans()
-            resolved[world] = (plan.resolved("dataset"), validation and validation.resolved("validation_data"))
-        return resolved[world]
+        """This world's shards (a collective: ranks agree how to shard); re-made after an elastic resize."""
+        current = (plan, validation) if (runtime.rank(), runtime.size()) == first_world else plans()
+        return current[0].resolved("dataset"), current[1] and current[1].resolved("validation_data")
 
     if policy is None:
         logs = loop.run(*resolved_plans(), None)
     else:
-        state = ElasticState(trainer, policy, history, resolved_plans()[0].sample_batch())
+        # No collective before the elastic loop's first sync (a joining rank's sync would meet it):
+        # the sample batch that builds the model comes from the plan before `resolved` agrees on it.
+        state = ElasticState(trainer, policy, history, plan.sample_batch())
         trainer.elastic_state = state
         logs = run_elastic(state, lambda state: loop.run(*resolved_plans(), state))
     hooks.on_train_end(logs)
@@ -146,7 +146,9 @@ class _Epochs:
         global_step = int(state.global_step.numpy())
         logs: dict[str, float] = {}
         names: set[str] = set()
-        if not self.began:
+        if not self.began or elastic is not None:
+            # In an elastic job every entry (a reset's too) runs it on every rank, so a callback's
+            # collective there (CheckpointSaver's directory check) meets a joining rank's.
             hooks.on_train_begin()
             self.began = True
 

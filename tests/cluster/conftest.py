@@ -1,5 +1,5 @@
-"""Fixtures for tests/cluster: a 2-host cluster (see cluster.py) shared by the session, and the
-launcher flags of each backend."""
+"""Fixtures for tests/cluster: a 4-host cluster (see cluster.py) shared by the session (most tests use h1
+and h2; the elastic test all four), and the launcher flags of each backend."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def cluster():
     if reason:
         _unavailable(reason)
     try:
-        with Cluster(2) as built:
+        with Cluster(4) as built:
             yield built
     except ClusterError as err:
         pytest.fail(f"the test cluster did not come up: {err}")

@@ -31,7 +31,7 @@ from support import checksum, make_data, make_mlp  # noqa: E402
 import hvdclip  # noqa: E402
 from hvdclip.trainer.elastic import rescale_learning_rate  # noqa: E402
 
-BATCH, EXAMPLES, EPOCHS, COMMIT_EVERY = 8, 480, 3, 5
+BATCH, EXAMPLES, EPOCHS, COMMIT_EVERY = 8, 528, 3, 4  # 22 steps per epoch on 3 ranks, 33 on 2
 GROW_WAIT_S = 120  # Rank 0's bound on slowing down while the job waits to grow back.
 
 
@@ -76,8 +76,9 @@ class Grow(hvdclip.Callback):
         self.discovery, self.host = discovery, host
         self.initial_size, self.added_at = None, None
 
-    def on_train_begin(self, logs=None):
-        self.initial_size = hvdclip.size()
+    def on_train_begin(self, logs=None):  # Also after each reset, in an elastic job.
+        if self.initial_size is None:
+            self.initial_size = hvdclip.size()
 
     def on_step_end(self, step, logs):
         if hvdclip.rank() != 0 or hvdclip.size() >= self.initial_size:
