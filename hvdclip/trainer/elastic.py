@@ -67,18 +67,21 @@ class Elastic:
     def __post_init__(self) -> None:
         if self.commit_every is not None:
             check_int("commit_every", self.commit_every, ge=1)
-        if self.learning_rate not in LEARNING_RATE_RULES:
-            raise ValueError(
+        if not isinstance(self.learning_rate, str) or self.learning_rate not in LEARNING_RATE_RULES:
+            raise (ValueError if isinstance(self.learning_rate, str) else TypeError)(
                 f"`learning_rate` must be one of {LEARNING_RATE_RULES}. Received: learning_rate={self.learning_rate!r}"
             )
 
 
 def check_elastic(value: Any) -> Elastic | None:
-    if value is None or isinstance(value, Elastic):
+    """`fit`'s `elastic=`: an `Elastic`, True (the defaults), or None/False (not elastic)."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, Elastic):
         return value
     if value is True:
         return Elastic()
-    raise TypeError(f"`elastic` must be an `hvdclip.Elastic(...)`, True or None. Received: elastic={value!r}")
+    raise TypeError(f"`elastic` must be an hvdclip.Elastic(...), True, False or None. Received: elastic={value!r}")
 
 
 def launched_elastically() -> bool:

@@ -137,6 +137,7 @@ FIT = table(
     ("class_weight", "range", {0: -2.0}, ValueError, r"`class_weight\[0\]` must be a number >= 0\. Received: class_weight\[0\]=-2\.0$", "class_weight[0]"),
     ("verbose", "type", "1", TypeError, r"`verbose` must be an integer >= 0 and <= 2\. Received: verbose='1'$"),
     ("verbose", "range", 3, ValueError, r"`verbose` must be an integer >= 0 and <= 2\. Received: verbose=3$"),
+    ("elastic", "type", "yes", TypeError, r"`elastic` must be an hvdclip.Elastic\(\.\.\.\), True, False or None\. Received: elastic='yes'$"),
 )  # fmt: skip
 
 
@@ -278,6 +279,12 @@ OTHERS = {
         ("warmup_epochs", "range", -1, ValueError, r"`warmup_epochs` must be a number >= 0\. Received: warmup_epochs=-1$"),
         ("size", "type", 2.0, TypeError, r"`size` must be an integer >= 1\. Received: size=2\.0$"),
         ("size", "range", 0, ValueError, r"`size` must be an integer >= 1\. Received: size=0$"),
+    )),
+    hvdclip.Elastic: ({}, table(
+        ("commit_every", "type", 2.0, TypeError, r"`commit_every` must be an integer >= 1\. Received: commit_every=2\.0$"),
+        ("commit_every", "range", 0, ValueError, r"`commit_every` must be an integer >= 1\. Received: commit_every=0$"),
+        ("learning_rate", "type", 0.1, TypeError, r"`learning_rate` must be one of \('scale', 'keep'\)\. Received: learning_rate=0\.1$"),
+        ("learning_rate", "range", "linear", ValueError, r"`learning_rate` must be one of \('scale', 'keep'\)\. Received: learning_rate='linear'$"),
     )),
     hvdclip.ProgressBar: ({}, table(
         ("verbose", "type", True, TypeError, r"`verbose` must be an integer >= 1 and <= 2\. Received: verbose=True$"),
@@ -605,6 +612,7 @@ NO_RANGE = {
     "callbacks": "a list of Callback objects",
     "tape": "any tf.GradientTape is usable",
     "clipper": "any Clipper is usable",
+    "elastic": "an hvdclip.Elastic (checked by its own row), True, False or None",
 }
 
 SURFACES = {surface: params for surface, (_, params) in {**CONSTRUCTORS, **METHODS, **TRANSFORMS, **DOORS}.items()}
