@@ -177,6 +177,11 @@ class ElasticState(State):
             if trainer.started:
                 trainer.rebroadcast()
             else:
+                if hvd.rank() == 0 and trainer.deferred_restore is not None:
+                    # `restore` in an elastic job: rank 0 reads, the broadcast sends it to every rank.
+                    if trainer.deferred_restore() is not None:
+                        trainer.fit_state.resume_pending = True
+                trainer.deferred_restore = None
                 trainer.start(self._sample_batch)
             # Rank 0 decides, so a joining rank (fresh, nothing pending) continues where the others are.
             fit_state = trainer.fit_state

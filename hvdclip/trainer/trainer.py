@@ -27,6 +27,7 @@ from hvdclip.distributed.watchdog import default_watchdog
 from hvdclip.errors import CheckpointError, NonFiniteGradientError
 from hvdclip.trainer.checkpoint import read as read_checkpoint
 from hvdclip.trainer.data import EpochLength, InputPlan, check_batch
+from hvdclip.trainer.elastic import launched_elastically
 from hvdclip.trainer.evaluation import Evaluator, check_metrics
 from hvdclip.trainer.fit_state import FitState
 from hvdclip.trainer.loop import fit as run_fit
@@ -134,6 +135,7 @@ class HvdClipTrainer:
         # Stands for the has-data flag among the variables the gradient reduction names; never applied.
         self._has_data_slot = tf.Variable(0.0, trainable=False, name="hvdclip_has_data_slot")
         self.elastic_state = None  # An elastic `fit`'s `hvdclip.trainer.elastic.ElasticState` (commits, resets).
+        self.deferred_restore: Callable[[], int | None] | None = None  # `restore` in an elastic job: read at the first sync.
 
     def retrace(self) -> None:
         """Drops the compiled step functions, so the next step traces them again.
@@ -535,6 +537,9 @@ class HvdClipTrainer:
 
         Returns:
             The global step the checkpoint was taken at (0 if none was found and `missing_ok`).
+            In an elastic job (`hvdclip-run --elastic`) the checkpoint is read by rank 0 at `fit`'s
+            first sync instead, and this returns 0: `trainer.global_step` has the step once `fit`
+            has started.
 
         Raises:
             CheckpointError: on every rank, if the checkpoint is missing, unreadable or does not
@@ -557,6 +562,12 @@ class HvdClipTrainer:
                 return None
             return int(self.fit_state.global_step.numpy())
 
+        if launched_elastically():
+            # A rank that joins a running elastic job gets here while the others are in a sync, so no
+            # collective: the first sync reads the checkpoint on rank 0 (a joining rank is never rank 0
+            # while an older host lives: Horovod ranks the oldest hosts first) and sends it to all.
+            self.deferred_restore = read
+            return 0
         # Only rank 0 holds the restored values until the start-up broadcast sends them to the others.
         step = on_rank_zero(read, name="restore")
         if step is None:

@@ -171,3 +171,15 @@ def test_fit_refuses_a_schedule_the_rule_cannot_rescale_before_training(elastic_
         fit(job, commit_every=5)
     assert job.broadcast_count == 0
     fit(job, commit_every=5, learning_rate="keep")  # the way out the message names
+
+
+def test_restore_in_an_elastic_job_is_read_at_the_first_sync_and_resumes_exactly(elastic_launch, tmp_path, uninterrupted):
+    saver = hvdclip.CheckpointSaver(tmp_path / "ckpts", every_n_steps=5, max_to_keep=20)
+    trainer().fit(dataset(), epochs=EPOCHS, batch_size=BATCH, shuffle_buffer=32, callbacks=[saver], verbose=0)
+    job = trainer()
+    # No collective here (a joining rank would meet the others' sync): the read waits for fit's first sync.
+    assert job.restore(str(tmp_path / "ckpts" / "ckpt-15")) == 0 and job.deferred_restore is not None
+    record = Record()
+    fit(job, [record], commit_every=5)
+    assert record.steps == list(range(16, 12 * EPOCHS + 1))
+    assert all(np.array_equal(a, b) for a, b in zip(weights(job), uninterrupted[0]))
