@@ -72,10 +72,11 @@ test-launch: install
 	$(if $(ROOT_FLAG),bash tests/launcher/install_slurm.sh)
 	HVDCLIP_REQUIRE_SLURM=$(if $(ROOT_FLAG),1,0) timeout 900 $(PY) -m pytest -q -p no:cacheprovider tests/launcher
 
-# 2 hosts x 2 slots on this machine: network namespaces on a bridge, each host with its own sshd
-# (tests/cluster/cluster.py). Both backends: results equal one process, checkpoints resume exactly,
-# a lost host and a cut link end every process in bounded time. Needs root (CI, containers): there
-# the tools are installed and the tests must pass; otherwise they are skipped.
+# 4 hosts on this machine: network namespaces on a bridge, each host with its own sshd
+# (tests/cluster/cluster.py). 2 hosts x 2 slots, both backends: results equal one process, checkpoints
+# resume exactly, a lost host and a cut link end every process in bounded time. An elastic job on
+# 3 hosts x 1 slot loses one, gains the fourth, and equals a replay of its commits and sizes. Needs
+# root (CI, containers): there the tools are installed and the tests must pass; otherwise skipped.
 test-cluster: install
 	$(if $(ROOT_FLAG),bash tests/cluster/install_cluster_tools.sh)
 	HVDCLIP_REQUIRE_CLUSTER=$(if $(ROOT_FLAG),1,0) timeout 2400 $(PY) -m pytest -q -p no:cacheprovider tests/cluster
