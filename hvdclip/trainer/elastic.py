@@ -156,12 +156,12 @@ class ElasticState(State):
         named = self._trainer.named_state_variables()
         values = [np.array(variable.numpy(), copy=True) for _, variable in named]
         history = ({name: len(values) for name, values in self._history.history.items()}, len(self._history.epochs))
-        self._saved = (values, self.lr_size, history)
+        self._saved = (values, self.lr_size, history, self._trainer.optimizer_steps)
 
     def restore(self) -> None:
         if self._saved is None:
             return
-        values, self.lr_size, (lengths, epochs) = self._saved
+        values, self.lr_size, (lengths, epochs), self._trainer.optimizer_steps = self._saved
         for (_, variable), value in zip(self._trainer.named_state_variables(), values):
             variable.assign(value)
         for name in list(self._history.history):
@@ -185,7 +185,9 @@ class ElasticState(State):
                 trainer.start(self._sample_batch)
             # Rank 0 decides, so a joining rank (fresh, nothing pending) continues where the others are.
             fit_state = trainer.fit_state
-            self.lr_size, fit_state.resume_pending = self._bcast_object((self.lr_size, fit_state.resume_pending))
+            self.lr_size, fit_state.resume_pending, trainer.optimizer_steps = self._bcast_object(
+                (self.lr_size, fit_state.resume_pending, trainer.optimizer_steps)
+            )
         size = hvd.size()
         if self._policy.learning_rate == "scale" and self.lr_size != size:
             rescale_learning_rate(trainer.optimizer, self.lr_size, size)

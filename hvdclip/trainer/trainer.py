@@ -143,6 +143,7 @@ class HvdClipTrainer:
         An elastic job calls it when the world size changes: a learning-rate schedule such as
         `ScaledWarmup` holds the size as a Python number, read when the step was traced.
         """
+        self._traced_steps = 0  # Optimizer steps run since the step functions were last made.
         self._compiled = {
             "step": tf.function(self._recorded(self._step), reduce_retracing=True),
             "accumulate": tf.function(self._recorded(self._accumulate), reduce_retracing=True),
@@ -220,6 +221,17 @@ class HvdClipTrainer:
         each rank then folds its new rank into the seed generators. A collective: every rank calls it.
         """
         self.clipper.broadcast_initial_state(self.model, extra=self._loop_variables())
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps this trainer ran (`train_step`/`fit`); the consistency guard's clock."""
+        return self._calls
+
+    @optimizer_steps.setter
+    def optimizer_steps(self, value: int) -> None:
+        # An elastic reset: the committed count, or rank 0's for a joining rank, so every rank runs
+        # the consistency guard's allgather at the same steps.
+        self._calls = int(value)
 
     def between_optimizer_steps(self) -> bool:
         """False inside a gradient-accumulation window (local sums not yet applied, held by no commit)."""
@@ -335,7 +347,8 @@ class HvdClipTrainer:
         if has_data is not None:
             has_data = tf.constant(bool(has_data))
         # A lost peer ends the rank instead of hanging it; the first step also traces and compiles.
-        with default_watchdog().section(f"step {self._calls + 1}", compiling=self._calls == 0):
+        # The first step after (re)tracing compiles: a longer bound.
+        with default_watchdog().section(f"step {self._calls + 1}", compiling=self._traced_steps == 0):
             if self._accumulation_steps == 1:
                 metrics = self._compiled["step"](x, y, sample_weight, has_data)
             else:
@@ -354,6 +367,7 @@ class HvdClipTrainer:
                     "check the input data for NaN/Inf, or clip harder."
                 )
         self._calls += 1
+        self._traced_steps += 1
         if self._check_every is not None and self._calls % self._check_every == 0:
             trainable = {id(v) for v in as_tf_variables(self.model.trainable_variables)}
             consistency.check_same_state(

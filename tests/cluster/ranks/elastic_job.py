@@ -36,10 +36,11 @@ GROW_WAIT_S = 120  # Rank 0's bound on slowing down while the job waits to grow 
 
 
 def trainer():
-    # AutoClip keeps a history of gradient norms: clip state that must survive every reset.
+    # AutoClip keeps a history of gradient norms: clip state that must survive every reset. The
+    # consistency guard's allgather must run at the same steps on every rank, a joining one too.
     return hvdclip.HvdClipTrainer(
         make_mlp(seed=3), keras.optimizers.Adam(1e-2), keras.losses.MeanSquaredError(),
-        clip=hvdclip.autoclip(percentile=50, history=64),
+        clip=hvdclip.autoclip(percentile=50, history=64), check_consistency_every=3,
     )  # fmt: skip
 
 
