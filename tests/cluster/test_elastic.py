@@ -92,7 +92,10 @@ def test_an_elastic_job_loses_a_host_keeps_training_and_grows_back_exactly(hosts
     assert (failure[1], failure[2], failure[3]) == (3, 2, lost_commit), failure
     assert (growth[1], growth[2]) == (2, 3) and growth[3] > lost_commit, growth
     assert "hosts changed" in growth[0]
-    print(f"reset after the failure: {failure[4]:.1f} s; reset to grow: {growth[4]:.1f} s; commits: {survivor['commits']}")
+    for e in final:
+        if e["resets"]:  # The reset times each surviving rank measured (the newcomer had none).
+            print(f"{e['host']}: reset after the failure {e['resets'][0][4]:.1f} s, to grow {e['resets'][1][4]:.1f} s; "
+                  f"{e['commits']} commits")
 
     # Step by step, every rank holds the same weights, the newcomer from its first step on.
     by_step = steps(out)
