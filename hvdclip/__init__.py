@@ -39,6 +39,7 @@ _EXPORTS = {
     "CheckpointSaver": "hvdclip.trainer.checkpoint",
     "ScaledWarmup": "hvdclip.keras.schedules",
     "CheckpointError": "hvdclip.errors",
+    "ElasticResetError": "hvdclip.errors",
     "OutputDirectoryError": "hvdclip.errors",
     "HvdClipError": "hvdclip.errors",
     "LauncherError": "hvdclip.errors",

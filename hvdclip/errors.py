@@ -42,3 +42,7 @@ class CheckpointError(HvdClipError):
 
 class OutputDirectoryError(HvdClipError):
     """A directory hvdclip writes to (checkpoints, TensorBoard logs, an exported model) is not writable."""
+
+
+class ElasticResetError(HvdClipError):
+    """An elastic job's failure came back after resets with no commit in between: not a lost peer."""

@@ -23,6 +23,7 @@ per-example rate (the rate is proportional to the number of ranks, as the linear
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrup
 from horovod.tensorflow.functions import broadcast_object
 
 from hvdclip.distributed.watchdog import default_watchdog
+from hvdclip.errors import CheckpointError, ElasticResetError
 from hvdclip.keras.schedules import ScaledWarmup
 from hvdclip.validation import check_int
 
@@ -87,6 +89,11 @@ def check_elastic(value: Any) -> Elastic | None:
 def launched_elastically() -> bool:
     """Whether this process is a worker of an elastic job (`hvdclip-run --elastic`, horovodrun's elastic mode)."""
     return os.environ.get("HOROVOD_ELASTIC") == "1"
+
+
+def _scaled_warmup(optimizer: Any) -> ScaledWarmup | None:
+    rate = getattr(optimizer, "inner_optimizer", optimizer)._learning_rate
+    return rate if isinstance(rate, ScaledWarmup) else None
 
 
 def rescale_learning_rate(optimizer: Any, old_size: int, new_size: int) -> None:
@@ -149,6 +156,8 @@ class ElasticState(State):
         self.resets = 0
         self.reset_log: list[tuple[str, int, int, int, float]] = []
         self._reset_started: tuple[str, int, float] | None = None
+        self._failures_since_commit = 0
+        self._commit_due = False
 
     # ------------------------------------------------------------------ Horovod's State interface
 
@@ -172,22 +181,45 @@ class ElasticState(State):
         del self._history.epochs[epochs:]
 
     def sync(self) -> None:
+        try:
+            self._sync()
+        except (HorovodInternalError, tf.errors.OpError) as error:
+            # A peer lost during the sync (a second host, or the joining one): reset again.
+            mapped = self.failed(error, hvd.size())
+            if mapped is error:
+                raise
+            raise mapped from error
+
+    def _sync(self) -> None:
         trainer = self._trainer
-        with default_watchdog().section("the elastic state's broadcast from rank 0"):
+        restore_error = None
+        # The bound of a first step: a joining rank may still be building and tracing.
+        with default_watchdog().section("the elastic state's broadcast from rank 0", compiling=True):
             if trainer.started:
                 trainer.rebroadcast()
             else:
-                if hvd.rank() == 0 and trainer.deferred_restore is not None:
+                read, trainer.deferred_restore = trainer.deferred_restore, None
+                if hvd.rank() == 0 and read is not None:
                     # `restore` in an elastic job: rank 0 reads, the broadcast sends it to every rank.
-                    if trainer.deferred_restore() is not None:
-                        trainer.fit_state.resume_pending = True
-                trainer.deferred_restore = None
+                    # Only the job's first sync gets here on rank 0 (later, rank 0 is an older host).
+                    try:
+                        if read() is not None:
+                            trainer.fit_state.resume_pending = True
+                    except CheckpointError as error:
+                        restore_error = str(error)
                 trainer.start(self._sample_batch)
             # Rank 0 decides, so a joining rank (fresh, nothing pending) continues where the others are.
-            fit_state = trainer.fit_state
-            self.lr_size, fit_state.resume_pending, trainer.optimizer_steps = self._bcast_object(
-                (self.lr_size, fit_state.resume_pending, trainer.optimizer_steps)
-            )
+            fit_state, warmup = trainer.fit_state, _scaled_warmup(trainer.optimizer)
+            (self.lr_size, fit_state.resume_pending, trainer.optimizer_steps, warmup_size, restore_error) = (
+                self._bcast_object(
+                    (self.lr_size, fit_state.resume_pending, trainer.optimizer_steps,
+                     warmup and warmup.size, restore_error)
+                )
+            )  # fmt: skip
+        if restore_error is not None:
+            raise CheckpointError(restore_error)  # On every rank: rank 0 could not restore.
+        if warmup is not None:
+            warmup.size = warmup_size  # A joining rank made its schedule with its own world's size.
         size = hvd.size()
         if self._policy.learning_rate == "scale" and self.lr_size != size:
             rescale_learning_rate(trainer.optimizer, self.lr_size, size)
@@ -210,7 +242,7 @@ class ElasticState(State):
 
     def reset(self) -> None:
         """After a failure or a discovery change, before the next sync: drop what no commit holds."""
-        self._trainer.discard_partial_accumulation()
+        self._trainer.prepare_for_reentry()
         self._trainer.fit_state.resume_pending = True  # Re-entered, `fit` continues from the committed position.
         self.resets += 1
 
@@ -219,27 +251,57 @@ class ElasticState(State):
     def commit(self) -> None:
         """Saves the state and raises `HostsUpdatedInterrupt` on every rank if discovery changed."""
         self.commits += 1
+        self._failures_since_commit = 0
+        self._commit_due = False
         super().commit()
 
     def maybe_commit(self, global_step: int, *, epoch_end: bool = False) -> None:
-        """Commits at epoch ends and every `commit_every` steps, between optimizer steps only."""
-        if not self._trainer.between_optimizer_steps():
-            return
+        """Commits at epoch ends and every `commit_every` steps; inside a gradient-accumulation window
+        (local sums no commit holds), at the first step after it instead."""
         every = self._policy.commit_every
         if epoch_end or (every is not None and global_step % every == 0):
+            self._commit_due = True
+        if self._commit_due and self._trainer.between_optimizer_steps():
             self.commit()
 
     def began_reset(self, cause: str, old_size: int) -> None:
         self._reset_started = (cause, old_size, time.monotonic())
+
+    def failed(self, error: BaseException, size: int) -> BaseException:
+        """What to raise for `error`: HorovodInternalError (restore and reset) for a lost peer, else `error`."""
+        if not is_collective_failure(error):
+            return error
+        self._failures_since_commit += 1
+        if self._failures_since_commit > MAX_RESETS_WITHOUT_A_COMMIT:
+            # The same failure again and again: not a peer that a smaller world leaves behind.
+            return ElasticResetError(
+                f"A collective failed again after {MAX_RESETS_WITHOUT_A_COMMIT} elastic resets with no commit in "
+                f"between, so the job ends instead of resetting forever. The last failure: {error}"
+            )
+        self.began_reset("a rank failed" if isinstance(error, HorovodInternalError) else "a collective failed", size)
+        return error if isinstance(error, HorovodInternalError) else HorovodInternalError(error)
 
 
 def _broadcast_object(obj: Any) -> Any:
     return broadcast_object(obj, root_rank=0, name="hvdclip_elastic_object")
 
 
-def _is_collective_failure(error: tf.errors.OpError) -> bool:
-    """A failed Horovod collective (a peer died or left): what Horovod's elastic loop recovers from."""
-    return "horovod" in str(error.message).lower()
+# What a Horovod collective reports when a peer died or left. A graph error's message also holds the
+# Python stack where the failing op was defined (which passes through horovod/common/elastic.py), so
+# only these op types and Horovod's own sentence count, and only on the error types Horovod raises.
+_COLLECTIVE_FAILURE = re.compile(
+    r"Horovod has been shut down|Horovod(Grouped)?(Allreduce|Allgather|Broadcast|Alltoall|Reducescatter)"
+)
+# Failures in a row that a reset answered without a commit in between: past this, the error is not a
+# lost peer that a smaller world can train without, and the job ends with it.
+MAX_RESETS_WITHOUT_A_COMMIT = 3
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A failed Horovod collective (a peer died or left): what the elastic loop recovers from."""
+    if isinstance(error, HorovodInternalError):
+        return True
+    return isinstance(error, tf.errors.UnknownError) and bool(_COLLECTIVE_FAILURE.search(str(error.message)))
 
 
 def run_elastic(state: ElasticState, train: Callable[[ElasticState], Any]) -> Any:
@@ -253,17 +315,16 @@ def run_elastic(state: ElasticState, train: Callable[[ElasticState], Any]) -> An
         size = hvd.size()
         try:
             return train(state)
-        except HorovodInternalError:
-            state.began_reset("a rank failed", size)
-            raise
         except HostsUpdatedInterrupt:
             state.began_reset("the hosts changed", size)
-            raise
-        except tf.errors.OpError as error:
-            if not _is_collective_failure(error):
+            # Always sync, removals too (Horovod skips the sync when hosts were only removed): the
+            # learning-rate rule, the retrace and the log run in the sync.
+            raise HostsUpdatedInterrupt(False) from None
+        except (HorovodInternalError, tf.errors.OpError) as error:
+            mapped = state.failed(error, size)
+            if mapped is error:
                 raise
-            state.began_reset(f"a collective failed ({type(error).__name__})", size)
-            raise HorovodInternalError(error) from error
+            raise mapped from error
 
     return run_fn(attempt, _reset)(state)
 

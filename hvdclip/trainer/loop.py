@@ -26,7 +26,6 @@ import tensorflow as tf
 
 from hvdclip.distributed import runtime
 from hvdclip.distributed.collectives import agree_any, agree_min, allgather_int64, sum_variables_over_ranks
-from hvdclip.distributed.rank_zero import on_rank_zero
 from hvdclip.distributed.watchdog import default_watchdog
 from hvdclip.trainer.callbacks import CallbackList, ProgressBar
 from hvdclip.trainer.elastic import ElasticState, check_elastic, check_rescalable, launched_elastically, run_elastic
@@ -107,10 +106,6 @@ def fit(
         return current[0].resolved("dataset"), current[1] and current[1].resolved("validation_data")
 
     if policy is None:
-        if trainer.deferred_restore is not None:  # `restore` ran in an elastic launch, but this fit is not elastic.
-            if on_rank_zero(trainer.deferred_restore, name="restore") is not None:
-                trainer.fit_state.resume_pending = True
-            trainer.deferred_restore = None
         logs = loop.run(*resolved_plans(), None)
     else:
         # No collective before the elastic loop's first sync (a joining rank's sync would meet it):

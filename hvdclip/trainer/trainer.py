@@ -154,7 +154,7 @@ class HvdClipTrainer:
 
     @property
     def broadcast_count(self) -> int:
-        """How many times state was broadcast from rank 0 (1 after start-up, never more)."""
+        """How many times state was broadcast from rank 0: 1 after start-up; an elastic `fit` adds one per sync."""
         return self.clipper.broadcast_count
 
     @property
@@ -204,6 +204,10 @@ class HvdClipTrainer:
         if self._started:
             return
         self._build(x)
+        if self.deferred_restore is not None:  # `restore` in an elastic launch, started outside an elastic fit.
+            read, self.deferred_restore = self.deferred_restore, None
+            if on_rank_zero(read, name="restore") is not None:
+                self.fit_state.resume_pending = True
         self.clipper.broadcast_initial_state(self.model, extra=self._loop_variables())
         local = {id(v) for v in as_tf_variables(consistency.rank_local_variables(self.model))}
         self._guarded = [(name, v) for name, v in self.named_state_variables() if id(v) not in local]
@@ -237,11 +241,15 @@ class HvdClipTrainer:
         """False inside a gradient-accumulation window (local sums not yet applied, held by no commit)."""
         return self._micro_step == 0
 
-    def discard_partial_accumulation(self) -> None:
-        """Drops the local gradient sums of an unfinished accumulation window (after an elastic reset)."""
+    def prepare_for_reentry(self) -> None:
+        """After an elastic reset: drops an unfinished accumulation window's local sums (no commit holds
+        them), and gives the next step a first step's bound (a joining rank may be compiling)."""
         self._micro_step = 0
         for accumulator in self._accumulators:
             accumulator.assign(tf.zeros_like(accumulator))
+        self._traced_steps = 0
+        self.stop_training = False  # A stop asked for after the commit is asked again if it still holds.
+        self.model.stop_training = False
 
     def average_local_statistics(self) -> None:
         """Replaces rank-local BatchNorm moving statistics by their mean over ranks, on every rank.

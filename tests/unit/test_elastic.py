@@ -183,3 +183,68 @@ def test_restore_in_an_elastic_job_is_read_at_the_first_sync_and_resumes_exactly
     fit(job, [record], commit_every=5)
     assert record.steps == list(range(16, 12 * EPOCHS + 1))
     assert all(np.array_equal(a, b) for a, b in zip(weights(job), uninterrupted[0]))
+
+
+def test_only_horovods_collective_failures_count_as_a_lost_peer():
+    from hvdclip.trainer.elastic import is_collective_failure
+
+    stack = 'File "/venv/lib/python3.11/site-packages/horovod/common/elastic.py", line 164, in wrapper'
+    assert is_collective_failure(tf.errors.UnknownError(None, None, f"[{stack}] Horovod has been shut down."))
+    assert is_collective_failure(tf.errors.UnknownError(None, None, "node HorovodGroupedAllreduce_grad_0 failed"))
+    assert is_collective_failure(HorovodInternalError("lost"))
+    # A user's own error in the compiled step, whose message carries Horovod's frames: not a lost peer.
+    assert not is_collective_failure(tf.errors.InvalidArgumentError(None, None, f"indices[3] = 9 is not in [0, 4) {stack}"))
+    assert not is_collective_failure(tf.errors.UnknownError(None, None, f"a user's py_function failed {stack}"))
+
+
+def test_a_failure_that_comes_back_without_a_commit_ends_the_job_after_three_resets(elastic_launch):
+    class AlwaysFail(hvdclip.Callback):
+        def on_step_end(self, step, logs):
+            if step == 7:
+                raise HorovodInternalError("the same failure every time")
+
+    job = trainer()
+    with pytest.raises(hvdclip.ElasticResetError, match=r"after 3 elastic resets .*the same failure every time"):
+        fit(job, [AlwaysFail()], commit_every=5)
+    assert [entry[3] for entry in job.elastic_state.reset_log] == [5, 5, 5]
+
+
+def test_a_discovery_change_that_only_removes_hosts_still_syncs(elastic_launch, uninterrupted):
+    job = trainer()
+
+    class HostRemoved(hvdclip.Callback):
+        def on_step_end(self, step, logs):
+            if step == 7:  # Horovod skips the sync for a removal; hvdclip must not (the learning-rate rule runs there)
+                job.elastic_state.on_hosts_updated(1.0, HostUpdateResult.removed)
+
+    fit(job, [HostRemoved()], commit_every=5)
+    assert [entry[:4] for entry in job.elastic_state.reset_log] == [("the hosts changed", 1, 1, 10)]
+    assert job.broadcast_count == 2
+    assert all(np.array_equal(a, b) for a, b in zip(weights(job), uninterrupted[0]))
+
+
+def test_with_gradient_accumulation_a_due_commit_waits_for_the_end_of_the_window(elastic_launch):
+    keras.utils.set_random_seed(5)
+    job = hvdclip.HvdClipTrainer(
+        make_mlp(seed=4), keras.optimizers.Adam(1e-2), keras.losses.MeanSquaredError(), accumulation_steps=2
+    )  # fmt: skip
+    fit(job, commit_every=3)
+    # Due at 3, 6, ..., 33 and at the ends of epochs 0 and 1 (steps 12, 24); taken at the next even step.
+    assert job.elastic_state.commits == len([4, 6, 10, 12, 16, 18, 22, 24, 28, 30, 34])
+
+
+def test_a_checkpoint_that_cannot_be_restored_raises_on_every_rank_at_the_first_sync(elastic_launch, tmp_path):
+    job = trainer()
+    assert job.restore(str(tmp_path / "nothing-here")) == 0  # read at the first sync, not now
+    with pytest.raises(hvdclip.CheckpointError, match="nothing-here"):
+        fit(job, commit_every=5)
+
+
+def test_restore_in_an_elastic_launch_still_applies_when_training_starts_outside_fit(elastic_launch, tmp_path):
+    saver = hvdclip.CheckpointSaver(tmp_path / "ckpts", every_n_steps=5, max_to_keep=20)
+    trainer().fit(dataset(), epochs=1, batch_size=BATCH, callbacks=[saver], verbose=0)
+    job = trainer()
+    job.restore(str(tmp_path / "ckpts" / "ckpt-10"))
+    x, _ = make_data(seed=8, n=BATCH)
+    job.start(x)
+    assert int(job.global_step.numpy()) == 10 and job.deferred_restore is None
