@@ -51,7 +51,7 @@ class HvdClipLoop:
             keras.optimizers.Adam(LEARNING_RATE),
             _loss_fn(),
             clip=hvdclip.clip_by_global_norm(CLIP_NORM) if clip else None,
-            compression=compression,
+            reduction=hvdclip.Reduction(compression=compression),
         )
 
     def run(self, steps: int) -> None:
@@ -64,7 +64,9 @@ class OwnLoopDoor:
 
     def __init__(self, spec: ModelSpec, batch_size: int, seed: int, groups: int = 1):
         self.model = spec.build()
-        self.clipper = hvdclip.Clipper(keras.optimizers.Adam(LEARNING_RATE), hvdclip.clip_by_global_norm(CLIP_NORM), groups=groups)
+        self.clipper = hvdclip.Clipper(
+            keras.optimizers.Adam(LEARNING_RATE), hvdclip.clip_by_global_norm(CLIP_NORM), reduction=hvdclip.Reduction(groups=groups)
+        )
         self.loss_fn = _loss_fn()
         self.dataset = dataset_for(spec, batch_size, seed)
         self.step = tf.function(self._step)

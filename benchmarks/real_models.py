@@ -80,14 +80,14 @@ def averaging_cost() -> tuple[float, float]:
     x = np.random.default_rng(hvd.rank()).standard_normal((32, 8, 8, 3)).astype("float32")
     y = x.mean(axis=(1, 2, 3))[:, None]
     trainer.train_step(x, y)
-    trainer.average_local_statistics()
+    trainer.engine.average_local_statistics()
     steps, averages = [], []
     for _ in range(REPEATS * 3):
         start = time.perf_counter()
         trainer.train_step(x, y)
         steps.append(time.perf_counter() - start)
         start = time.perf_counter()
-        trainer.average_local_statistics()
+        trainer.engine.average_local_statistics()
         averages.append(time.perf_counter() - start)
     return statistics.median(steps), statistics.median(averages)
 

@@ -89,7 +89,7 @@ def main():
         keras.optimizers.Adam(args.lr),
         keras.losses.BinaryCrossentropy(from_logits=True),
         clip=CLIPS[args.clip](args.clip_threshold),
-        sparse_as_dense=args.sparse_as_dense,
+        reduction=hvdclip.Reduction(sparse_as_dense=args.sparse_as_dense),
     )
     trainer.fit(
         train,

@@ -46,8 +46,8 @@ def distributed_train_step(x, y):
         loss = loss_fn(y, y_pred)
     tape = hvdclip.DistributedGradientTape(tape, clipper)  # was: no reduction at all
     gradients = tape.gradient(loss, model.trainable_variables)  # averaged over ranks, then clipped
-    tape.apply_gradients(zip(gradients, model.trainable_variables))  # was: optimizer.apply_gradients
-    return loss, tape.metrics
+    report = tape.apply_gradients(zip(gradients, model.trainable_variables))  # was: optimizer.apply_gradients
+    return loss, report  # grad_norm, clip_active, skipped, ...
 
 
 rng = np.random.default_rng(1)

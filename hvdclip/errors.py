@@ -13,11 +13,16 @@ __all__ = [
     "NonFiniteGradientError",
     "CheckpointError",
     "OutputDirectoryError",
+    "ElasticResetError",
 ]
 
 
 class HvdClipError(RuntimeError):
     """Base class for environment and runtime problems detected by hvdclip."""
+
+    # AutoGraph re-raises an error from a traced function as its own type only if that type takes
+    # just a message through `Exception.__init__`; otherwise users get a `StagingError` instead.
+    __init__ = Exception.__init__
 
 
 class NotInitializedError(HvdClipError):

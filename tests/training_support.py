@@ -92,19 +92,19 @@ class StepLog(hvdclip.Callback):
 def record_batches(trainer: hvdclip.HvdClipTrainer) -> list[list[int]]:
     """Makes `trainer` record the ids (first feature) of every batch it trains on."""
     seen: list[list[int]] = []
-    run_step = trainer.run_step
+    run_step = trainer.engine.run_step
 
     def recording(x, y, **kwargs):
         seen.append([int(i) for i in np.asarray(x)[:, 0]])
         return run_step(x, y, **kwargs)
 
-    trainer.run_step = recording
+    trainer.engine.run_step = recording
     return seen
 
 
 def state_values(trainer: hvdclip.HvdClipTrainer) -> list[np.ndarray]:
     """Every variable the trainer broadcasts and checkpoints, as arrays."""
-    return [v.numpy().copy() for _, v in trainer.named_state_variables()]
+    return [v.numpy().copy() for _, v in trainer.engine.named_state_variables()]
 
 
 def same_values(a: list[np.ndarray], b: list[np.ndarray]) -> bool:

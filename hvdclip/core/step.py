@@ -1,7 +1,9 @@
 """The one step every door runs, in the order the math happens, and the start-up broadcast.
 
     local gradient (the caller's tape)
-      -> reduce: average over ranks (Horovod's DistributedGradientTape reduction, positional names)
+      [accumulation: k - 1 micro-steps add it to this rank's sums and communicate nothing]
+      -> reduce: average over ranks (Horovod's DistributedGradientTape reduction, positional names),
+         with the step's flags (the has-data vote) riding in the same allreduce
       -> unscale (mixed precision: divide by the loss scale)
       -> merge repeated sparse rows
       -> clip: the clip transform, on the reduced gradient, identical on every rank
@@ -10,12 +12,14 @@
 
 Everything after `reduce` works on numbers that are the same on every rank, so every rank clips
 the same way and takes the same branch: ranks stay bit-identical with one broadcast at start-up
-(`Clipper.broadcast_initial_state`) and none per step.
+(`Clipper.broadcast_initial_state`) and none per step. The reduction runs under the watchdog's
+marker, so a rank whose peer is lost ends within `HVDCLIP_STEP_TIMEOUT` in every door.
 
-`Clipper` holds what the step needs between steps: the optimizer, the clip transform and its
-state, and the skip counters. It is made once, outside any compiled function. The three doors use
-it: `hvdclip.DistributedGradientTape` (your own loop), `hvdclip.keras.DistributedOptimizer`
-(Keras `fit`) and `HvdClipTrainer`.
+`Clipper` owns what the step needs between steps: the optimizer, the clip transform and its state,
+the skip counters and the accumulation state, all in variables (broadcast, checkpointed). It is
+made once, outside any compiled function. Each door calls `step` (or its two halves, `prepare`
+and `finish`, when the caller applies the gradient itself): `hvdclip.DistributedGradientTape`
+(your own loop), `hvdclip.keras.DistributedOptimizer` (Keras `fit`) and `HvdClipTrainer`.
 """
 
 from __future__ import annotations
@@ -29,34 +33,47 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hvdclip.distributed import consistency
+from hvdclip.core.accumulation import Accumulation
+from hvdclip.distributed import collectives, consistency
 from hvdclip.distributed.bridge import as_tf_variables
-from hvdclip.distributed import collectives
-from hvdclip.distributed.reduction import GradientReduction
+from hvdclip.distributed.reduction import Reduction
 from hvdclip.distributed.runtime import require_initialized
 from hvdclip.distributed.watchdog import default_watchdog
+from hvdclip import foreign
+from hvdclip.errors import CheckpointError, HvdClipError
 from hvdclip.gradients import dedupe, global_norm, scale, sum_of_squares
 from hvdclip.transforms.base import GradientTransform, apply_transform, check_transform, identity
-from hvdclip.validation import check_bool
+from hvdclip.validation import check_bool, check_int
 
-__all__ = ["Clipper", "Clipped"]
+__all__ = ["Clipper", "Prepared", "REPORT"]
 
 _CLIP_KEYWORDS = ("clipnorm", "clipvalue", "global_clipnorm")
 
+# What a step reports (scalars, the same on every rank): the reduced gradient's norm before and
+# after the clip stage, whether the clip changed it, whether the step was skipped for NaN/Inf,
+# whether this call reduced at all (False on an accumulation micro-step, whose norms are NaN), and
+# whether every rank has data for the next step (the vote; True when the step was not asked).
+REPORT = ("grad_norm", "clipped_grad_norm", "clip_active", "skipped", "synced", "all_have_data")
 
-class Clipped(NamedTuple):
-    """The reduced gradient after the clip stage, and what `Clipper.apply` needs to finish the step.
+
+class Prepared(NamedTuple):
+    """The first half of a step (`Clipper.prepare`): the clipped gradient and what `finish` needs.
 
     Attributes:
-        grads: the clipped gradient list (`None` where the variable got no gradient).
+        grads: the clipped gradient list (`None` where the variable got no gradient; zeros on an
+            accumulation micro-step, where there is nothing to apply).
         clip_state: the clip transform's new state, stored only if the step is applied.
-        finite: a bool scalar: the reduced gradient had no NaN/Inf (the same on every rank).
-        metrics: `grad_norm` (before clipping), `clipped_grad_norm` and `clip_active`, scalars.
+        finite: the reduced gradient had no NaN/Inf (a bool scalar, the same on every rank).
+        synced: this call reduced (False on a micro-step).
+        all_have_data: every rank voted that it has data for the next step.
+        metrics: `grad_norm` (before clipping), `clipped_grad_norm` and `clip_active`.
     """
 
     grads: list
     clip_state: Any
     finite: tf.Tensor
+    synced: tf.Tensor
+    all_have_data: tf.Tensor
     metrics: dict[str, tf.Tensor]
 
 
@@ -73,6 +90,12 @@ def _changed(before: Any, after: Any) -> tf.Tensor:
         | tf.reduce_any(tf.not_equal(before.indices, after.indices)),
         lambda: tf.constant(True),
     )
+
+
+def _after(tensors: Any, ops: Sequence) -> Any:
+    """`tensors` (a nest with `None`s and `IndexedSlices`), computed only after `ops`."""
+    with tf.control_dependencies(list(ops)):
+        return tf.nest.map_structure(lambda t: None if t is None else tf.identity(t), tensors, expand_composites=True)
 
 
 def _checked_named_variables(name: str, value: Any) -> list[tuple[str, tf.Variable]]:
@@ -113,10 +136,15 @@ class Clipper:
             `global_clipnorm` (those would clip before hvdclip sees the reduced gradient).
         clip: a `GradientTransform` such as `hvdclip.clip_by_global_norm(1.0)`; None applies the
             reduced gradient unclipped.
+        reduction: how gradients are averaged over ranks, an `hvdclip.Reduction` (None: its
+            defaults, one fused group).
+        accumulation_steps: micro-batches per optimizer step: each of the first k - 1 calls of the
+            step adds this rank's gradient to its sums without communicating, the k-th reduces the
+            window's gradient and applies it (`hvdclip.core.accumulation`).
+        average_accumulated: the window's gradient is the mean of its k micro-batch gradients
+            (True) or their sum (False, Horovod's `average_aggregated_gradients=False`).
         skip_nonfinite: skip the optimizer step on every rank when the reduced gradient has a
             NaN or Inf. Always on with a `LossScaleOptimizer` (an overflow halves the scale).
-        compression, sparse_as_dense, op, gradient_predivide_factor, groups: how gradients are
-            reduced (`hvdclip.distributed.reduction.GradientReduction`, Horovod's options).
 
     Example (your own loop; see `hvdclip.DistributedGradientTape`):
         >>> clipper = hvdclip.Clipper(keras.optimizers.Adam(1e-3), hvdclip.clip_by_global_norm(1.0))
@@ -128,12 +156,10 @@ class Clipper:
         optimizer: keras.optimizers.Optimizer,
         clip: GradientTransform | None = None,
         *,
+        reduction: Reduction | None = None,
+        accumulation_steps: int = 1,
+        average_accumulated: bool = True,
         skip_nonfinite: bool = True,
-        compression: str | None = None,
-        sparse_as_dense: bool = False,
-        op: str = "average",
-        gradient_predivide_factor: float = 1.0,
-        groups: int = 1,
     ) -> None:
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             raise TypeError(
@@ -150,61 +176,82 @@ class Clipper:
                     "ranks; pass clipping as `clip=` instead, e.g. clip=hvdclip.clip_by_global_norm(1.0)."
                 )
         check_transform("clip", clip, optional=True)
+        if reduction is not None and not isinstance(reduction, Reduction):
+            raise TypeError(
+                "`reduction` must be an hvdclip.Reduction, e.g. hvdclip.Reduction(compression='fp16'), or None. "
+                f"Received: reduction={reduction!r}"
+            )
+        check_int("accumulation_steps", accumulation_steps, ge=1)
+        check_bool("average_accumulated", average_accumulated)
         self.optimizer = optimizer
         self.clipping = clip is not None
         self.transform = clip if clip is not None else identity()
         self.skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
-        self.reduction = GradientReduction(
-            compression=compression,
-            sparse_as_dense=sparse_as_dense,
-            op=op,
-            gradient_predivide_factor=gradient_predivide_factor,
-            groups=groups,
-        )
+        self.reduction = reduction if reduction is not None else Reduction()
+        self.accumulation = Accumulation(accumulation_steps, average_accumulated) if accumulation_steps > 1 else None
         self.clip_state: Any = ()
         # Counters live in variables so that a compiled step updates them without a host sync.
         self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="hvdclip_skipped_steps")
         self.consecutive_skips = tf.Variable(0, dtype=tf.int64, trainable=False, name="hvdclip_consecutive_skips")
+        # The last vote's answer, for a loop that decides in Python whether to go on (`Lockstep`).
+        # Scratch: it is in every step's report too, and in no checkpoint.
+        self.all_have_data = tf.Variable(True, trainable=False, name="hvdclip_all_have_data")
+        self.marker = None  # The watchdog's marker around the reduction (made by `build`).
         self.built = False
         self.broadcast_count = 0
 
     # ------------------------------------------------------------------ state and start-up
 
     def build(self, trainable_variables: Sequence) -> None:
-        """Creates the optimizer's slots and the clip state (no communication). Idempotent."""
+        """Creates the optimizer's slots, the clip state and the accumulators (no communication). Idempotent."""
         if self.built:
             return
         trainable_variables = list(trainable_variables)
         if not trainable_variables:
             raise ValueError("`trainable_variables` is empty: there is nothing to train (is the model frozen?).")
-        if not self.optimizer.built:
-            # Slots must exist before the broadcast, or rank 0's optimizer state could never reach the others.
-            self.optimizer.build(trainable_variables)
-        self.clip_state = tf.nest.map_structure(
-            lambda t: tf.Variable(t, trainable=False), self.transform.init(trainable_variables)
-        )
+        with tf.init_scope():  # Eager even when Keras builds the optimizer lazily inside a traced step.
+            if not self.optimizer.built:
+                # Slots must exist before the broadcast, or rank 0's optimizer state could never reach the others.
+                self.optimizer.build(trainable_variables)
+            self.clip_state = tf.nest.map_structure(
+                lambda t: tf.Variable(t, trainable=False), self.transform.init(trainable_variables)
+            )
+            if self.accumulation is not None:
+                self.accumulation.build(trainable_variables)
+            self.marker = default_watchdog().marker("the gradient allreduce")
         self.built = True
 
     def named_variables(self) -> list[tuple[str, tf.Variable]]:
-        """The step's own state, named: optimizer, clip state and skip counters (all identical on every rank)."""
+        """The step's shared state, named: optimizer, clip state, counters (identical on every rank).
+
+        What the start-up broadcast sends and a checkpoint holds once; `local_variables` is the rest.
+        """
         named = [(f"optimizer/{v.path}", tv) for v, tv in zip(self.optimizer.variables, as_tf_variables(self.optimizer.variables))]
         named += [(f"clip_state[{i}]", v) for i, v in enumerate(tf.nest.flatten(self.clip_state))]
         named += [(f"counters/{v.name}", v) for v in (self.skipped_steps, self.consecutive_skips)]
+        if self.accumulation is not None:
+            named += self.accumulation.shared_variables
         return named
+
+    def local_variables(self) -> list[tuple[str, tf.Variable]]:
+        """The step's rank-local state: each rank's accumulation sums (empty without accumulation)."""
+        return [] if self.accumulation is None else self.accumulation.local_variables
 
     def broadcast_initial_state(self, model: keras.Model, *, extra: Sequence[tuple[str, tf.Variable]] = ()) -> None:
         """Builds everything, checks that ranks agree on its structure, then broadcasts rank 0's state once.
 
         Sends the model's variables (weights and, e.g., BatchNorm statistics), the optimizer's,
-        the clip state, the skip counters and `extra` (named variables of the caller's, such as a
+        the clip state, the counters and `extra` (named variables of the caller's, such as a
         loop's counters). Then each rank folds its rank into the model's seed-generator states, so
         Dropout and other random layers draw different masks on each rank (rank 0 keeps rank 0's
-        state, so a checkpoint holds the broadcast seed). Call it on every rank, once, before the
-        first step.
+        state, so a checkpoint holds the broadcast seed). Each rank's accumulation sums are its
+        own and are not sent. Call it on every rank, once, before the first step.
 
         Raises:
             RankMismatchError: on every rank, if ranks built different models or optimizers
                 (the broadcast would hang or silently mis-assign).
+            CheckpointError: on every rank, if a restored state is inside an accumulation window
+                but some rank holds no sums of its own for it.
         """
         require_initialized("Clipper.broadcast_initial_state")
         if not isinstance(model, keras.Model):
@@ -222,8 +269,25 @@ class Clipper:
             # A structure mismatch would make the broadcast hang or silently mis-assign: check first.
             consistency.check_same_structure(named)
             collectives.broadcast_from_root([variable for _, variable in named])
+            self._check_window_owners()
         _fold_rank_into_seed_generators(model, hvd.rank())
         self.broadcast_count += 1
+
+    def _check_window_owners(self) -> None:
+        """Inside an accumulation window (after a restore), every rank must hold its own sums."""
+        acc = self.accumulation
+        if acc is None or int(acc.micro_step.numpy()) == 0:  # The counter was just broadcast: one branch for all.
+            return
+        missing = collectives.allgather_int64([int(acc.owner.numpy()) != hvd.rank()], "window_owners")
+        if missing.any():
+            ranks = [rank for rank, flag in enumerate(missing.tolist()) if flag]
+            raise CheckpointError(
+                f"The restored state is inside a gradient-accumulation window (micro-step "
+                f"{int(acc.micro_step.numpy())} of {acc.steps}), but rank(s) {ranks} did not restore their own partial "
+                "sums, so the window's gradient would be wrong. Each rank's sums are its own: restore a checkpoint "
+                "that holds every rank's (hvdclip.CheckpointSaver does; give Keras' BackupAndRestore one backup_dir "
+                "per rank), or one taken at the end of a window."
+            )
 
     # ------------------------------------------------------------------ the step, in order
 
@@ -231,18 +295,98 @@ class Clipper:
         """The loss to differentiate: scaled up under mixed precision to avoid float16 underflow."""
         return self.optimizer.scale_loss(loss) if self.loss_scaling else loss
 
-    def reduce(self, grads: Sequence, variables: Sequence) -> list:
-        """Averages local gradients over ranks (`None` stays `None`)."""
-        return self.reduction(grads, variables)
+    def step(self, local_grads: Sequence, variables: Sequence, *, has_data: Any = None) -> dict[str, tf.Tensor]:
+        """The whole step on this rank's local gradient: `prepare`, then `finish`.
 
-    def unscale(self, grads: Sequence) -> list:
+        Args:
+            local_grads: this rank's gradient of the (scaled) loss, aligned with `variables`.
+            variables: the trainable variables (Keras 3 variables are fine).
+            has_data: optional bool scalar: this rank has a batch for the next step. The ranks'
+                answers ride in the gradient allreduce; `all_have_data` in the report is True
+                on every rank only if every rank has one.
+
+        Returns:
+            The report: the `REPORT` scalars, the same on every rank. Call it inside a compiled
+            function.
+        """
+        return self.finish(self.prepare(local_grads, variables, has_data=has_data), variables)
+
+    def prepare(self, local_grads: Sequence, variables: Sequence, *, has_data: Any = None) -> Prepared:
+        """Reduce, unscale, merge sparse rows, clip (or, on an accumulation micro-step, add to the sums)."""
+        self.require_built()
+        if foreign.in_xla_context():
+            raise HvdClipError(
+                "hvdclip's step is being traced inside tf.function(jit_compile=True), but its gradient reduction is a "
+                "Horovod collective, which XLA cannot compile here (hvdclip.keras.xla says why). Decorate the training "
+                "step with plain @tf.function; XLA can still compile a function that holds no hvdclip or Horovod call."
+            )
+        local_grads, variables = list(local_grads), list(variables)
+        flags = [] if has_data is None else [tf.logical_not(tf.cast(has_data, tf.bool))]
+        acc = self.accumulation
+        if acc is None:
+            return self._reduce_and_clip(local_grads, variables, flags)
+        return tf.cond(
+            acc.closes_window(),
+            lambda: self._reduce_and_clip(acc.window_gradient(local_grads), variables, flags),
+            lambda: self._micro_step(local_grads),
+        )
+
+    def finish(self, prepared: Prepared, variables: Sequence, grads: Sequence | None = None) -> dict[str, tf.Tensor]:
+        """Guard, then apply: the clipped gradient (or `grads`, the caller's change of it) and the clip state.
+
+        Skips the step on every rank if the reduced gradient had a NaN or Inf. Returns the report.
+        """
+        grads = prepared.grads if grads is None else list(grads)
+        variables = list(variables)
+        acc = self.accumulation
+        if acc is None:
+            return self._guard_and_apply(prepared, grads, variables)
+
+        def window_step() -> dict[str, tf.Tensor]:
+            report = self._guard_and_apply(prepared, grads, variables)
+            with tf.control_dependencies(tf.nest.flatten(report)):
+                return _after(report, [acc.reset()])
+
+        return tf.cond(prepared.synced, window_step, lambda: self._report(prepared, tf.constant(False)))
+
+    def require_built(self) -> None:
+        if not self.built:
+            raise HvdClipError(
+                "The clipper's state does not exist yet, so ranks would start from different weights: call "
+                "`clipper.broadcast_initial_state(model)` once on every rank before the first step."
+            )
+
+    def _reduce_and_clip(self, grads: list, variables: list, flags: list) -> Prepared:
+        step = tf.convert_to_tensor(self.applier.iterations) + 1
+        if self.marker is not None:  # The watchdog sees this rank waiting in the allreduce.
+            entered = self.marker.enter(step)
+            grads = _after(grads, [entered])
+        reduced, raised = self.reduction(grads, variables, flags)
+        if self.marker is not None:
+            reduced, raised = self.marker.leave((reduced, raised), step)
+        all_have_data = tf.logical_not(raised[0]) if raised else tf.constant(True)
+        return self._clip(self._unscale(reduced), variables, all_have_data)
+
+    def _micro_step(self, local_grads: list) -> Prepared:
+        """An accumulation micro-step: this rank's gradient joins its sums; nothing to apply."""
+        added = self.accumulation.add(local_grads, hvd.rank())
+        nan = tf.constant(float("nan"), tf.float32)
+        zeros = [None if g is None else tf.zeros_like(tf.convert_to_tensor(g)) for g in local_grads]
+        state = tf.nest.map_structure(tf.convert_to_tensor, self.clip_state)
+        prepared = Prepared(
+            zeros, state, tf.constant(True), tf.constant(False), tf.constant(True),
+            {"grad_norm": nan, "clipped_grad_norm": nan, "clip_active": tf.constant(False)},
+        )  # fmt: skip
+        return _after(prepared, [added])
+
+    def _unscale(self, grads: Sequence) -> list:
         """Divides out the loss scale (mixed precision), so the clip sees the true gradient."""
         if not self.loss_scaling:
             return list(grads)
         inverse = 1.0 / self.optimizer.dynamic_scale
         return [scale(g, inverse) for g in grads]
 
-    def clip(self, grads: Sequence, variables: Sequence) -> Clipped:
+    def _clip(self, grads: Sequence, variables: Sequence, all_have_data: tf.Tensor) -> Prepared:
         """Merges repeated sparse rows, then runs the clip transform on the reduced, unscaled gradient."""
         # Horovod allgathers sparse rows, so an embedding row touched on two ranks arrives twice.
         # Keras 3 optimizers apply element-wise ops (Adam squares the gradient) to IndexedSlices
@@ -251,9 +395,11 @@ class Clipper:
         squares = sum_of_squares(grads)
         grad_norm = tf.sqrt(squares)
         finite = tf.math.is_finite(squares)
+        synced = tf.constant(True)
         if not self.clipping:
             metrics = {"grad_norm": grad_norm, "clipped_grad_norm": grad_norm, "clip_active": tf.constant(False)}
-            return Clipped(grads, self.clip_state, finite, metrics)
+            state = tf.nest.map_structure(tf.convert_to_tensor, self.clip_state)
+            return Prepared(grads, state, finite, synced, all_have_data, metrics)
         result = apply_transform(self.transform, grads, self.clip_state, variables)
         if result.report is not None:  # The transform's own account: no extra pass over the gradients.
             clipped_norm = grad_norm if result.report.norm is None else result.report.norm
@@ -265,20 +411,17 @@ class Clipper:
             active = tf.reduce_any([_changed(a, b) for a, b in zip(grads, result.grads) if a is not None])
         # NaN != NaN would count a non-finite gradient as clipped: nothing was (the step is skipped).
         metrics = {"grad_norm": grad_norm, "clipped_grad_norm": clipped_norm, "clip_active": finite & active}
-        return Clipped(result.grads, result.state, finite, metrics)
+        # In the nest types `init` built (a transform may return a list for a tuple): both branches
+        # of an accumulation step's `tf.cond` must have one structure.
+        state = tf.nest.pack_sequence_as(self.clip_state, tf.nest.flatten(result.state))
+        return Prepared(result.grads, state, finite, synced, all_have_data, metrics)
 
-    def apply(self, clipped: Clipped, variables: Sequence, grads: Sequence | None = None) -> tf.Tensor:
-        """Applies the clipped gradient and stores the clip state, or skips the step on NaN/Inf.
-
-        `grads` replaces `clipped.grads` if given (a loop that changes the gradient after clipping).
-        Returns `skipped`, a bool scalar, the same on every rank.
-        """
-        grads = clipped.grads if grads is None else list(grads)
-        variables = list(variables)
+    def _guard_and_apply(self, prepared: Prepared, grads: list, variables: list) -> dict[str, tf.Tensor]:
+        """Applies the step and stores the clip state, or skips it on every rank (NaN/Inf)."""
 
         def apply() -> tf.Tensor:
             self.applier.apply_gradients(zip(grads, variables))
-            tf.nest.map_structure(lambda var, value: var.assign(value), self.clip_state, clipped.clip_state)
+            tf.nest.map_structure(lambda var, value: var.assign(value), self.clip_state, prepared.clip_state)
             self.consecutive_skips.assign(0)
             if self.loss_scaling:
                 self._grow_loss_scale()
@@ -299,19 +442,15 @@ class Clipper:
             return tf.constant(True)
 
         if self.skip_nonfinite or self.loss_scaling:
-            return tf.cond(clipped.finite, apply, skip)
-        return apply()
+            skipped = tf.cond(prepared.finite, apply, skip)
+        else:
+            skipped = apply()
+        voted = self.all_have_data.assign(prepared.all_have_data)
+        return _after(self._report(prepared, skipped), [voted])
 
-    def step(self, local_grads: Sequence, variables: Sequence) -> dict[str, tf.Tensor]:
-        """The whole step on this rank's local gradient: reduce, unscale, clip, guard, apply.
-
-        Returns `grad_norm`, `clipped_grad_norm`, `clip_active` and `skipped` (scalars, the same
-        on every rank). Call it inside a compiled function.
-        """
-        variables = list(variables)
-        clipped = self.clip(self.unscale(self.reduce(local_grads, variables)), variables)
-        skipped = self.apply(clipped, variables)
-        return {**clipped.metrics, "skipped": skipped}
+    @staticmethod
+    def _report(prepared: Prepared, skipped: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {**prepared.metrics, "skipped": skipped, "synced": prepared.synced, "all_have_data": prepared.all_have_data}
 
     def _grow_loss_scale(self) -> None:
         """Keras' dynamic loss scaling: double the scale after `dynamic_growth_steps` finite steps."""

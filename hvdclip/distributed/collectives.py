@@ -23,7 +23,8 @@ __all__ = [
     "sum_variables_over_ranks",
     "average_variables_over_ranks",
     "allgather_int64",
-    "all_have_data",
+    "gather_variables",
+    "scatter_from_root",
 ]
 
 
@@ -79,16 +80,33 @@ def average_variables_over_ranks(variables: Sequence, name: str) -> None:
         variable.assign(mean)
 
 
-def all_have_data(has_data: tf.Tensor) -> tf.Tensor:
-    """Whether every rank has data for another step: a bool scalar, the same on every rank.
-
-    Graph-friendly: an accumulation micro-step of `fit` (which has no gradient allreduce for the
-    flag to ride in) calls it inside its compiled function.
-    """
-    vote = hvd.allreduce(tf.cast(has_data, tf.int32), op=hvd.Min, name="hvdclip_all_have_data")
-    return tf.greater(vote, 0)
-
-
 def allgather_int64(values, name: str) -> np.ndarray:
     """Every rank's int64 vector `values`, concatenated in rank order."""
     return hvd.allgather(tf.reshape(tf.cast(values, tf.int64), [-1]), name=f"hvdclip_gather_{name}").numpy()
+
+
+def gather_variables(variables: Sequence, name: str) -> list[np.ndarray]:
+    """Every rank's value of each variable, stacked in rank order: one `[size, *shape]` array per variable."""
+    return [
+        hvd.allgather(tf.expand_dims(variable.value(), 0), name=f"hvdclip_gather_{name}_{index}").numpy()
+        for index, variable in enumerate(as_tf_variables(variables))
+    ]
+
+
+def scatter_from_root(stacked: Sequence[np.ndarray] | None, variables: Sequence, root_rank: int = 0) -> None:
+    """Gives each rank its own row of rank `root_rank`'s `[size, *shape]` arrays (None on the other ranks).
+
+    Row r of `stacked[i]` goes into `variables[i]` on rank r: a broadcast of each stacked array,
+    named by position. For state that is each rank's own (gradient-accumulation sums) read from a
+    checkpoint by one rank.
+    """
+    size, rank = hvd.size(), hvd.rank()
+    for index, variable in enumerate(as_tf_variables(variables)):
+        if rank == root_rank:
+            value = tf.constant(stacked[index], dtype=variable.dtype)
+        else:
+            value = tf.zeros([size, *variable.shape], variable.dtype)
+        if size > 1:
+            value = hvd.broadcast(value, root_rank, name=f"hvdclip_scatter_{index}", ignore_name_scope=True)
+        variable.assign(value[rank])
+

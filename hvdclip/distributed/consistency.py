@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from hvdclip import foreign
 from hvdclip.errors import RankMismatchError
 
 __all__ = [
@@ -118,7 +119,7 @@ def weights_checksum(variables: Sequence[tf.Variable]) -> tf.Tensor:
 
 def _layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
     # Keras 3's own walk over nested layers (functional, sequential and subclassed alike).
-    return list(model._flatten_layers(include_self=True, recursive=True))
+    return foreign.flatten_layers(model)
 
 
 def seed_generator_states(model: keras.layers.Layer) -> list:

@@ -14,6 +14,12 @@ The bound comes from `HVDCLIP_STEP_TIMEOUT` (seconds; `off` or `0` disables the 
 a debugger). `hvdclip-run --step-timeout S` sets it for every rank. A disarmed watchdog starts no
 thread, and its sections are one shared no-op context manager.
 
+A compiled step cannot enter a Python `with`, so the core step reports where it is through a
+`CollectiveMarker`: two small variable writes around its gradient allreduce (which entry, which
+optimizer step), which the watchdog's thread reads a few times per bound. An entry still open after
+the bound ends the process like a section does. This is how every door's step is watched, your own
+`tf.function` loop included, at the cost of three scalar variable writes per step.
+
 The thread needs the GIL to act; TensorFlow releases it while an op (a Horovod collective, a
 compiled step) runs, which is where a rank waits.
 """
@@ -28,11 +34,13 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping
-from typing import ContextManager, TextIO
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ContextManager, TextIO
 
 __all__ = [
-    "COMPILE_FACTOR", "DEFAULT_TIMEOUT_S", "ENV_VAR", "EXIT_CODE", "Watchdog", "default_watchdog", "timeout_from_env",
+    "COMPILE_FACTOR", "DEFAULT_TIMEOUT_S", "ENV_VAR", "EXIT_CODE", "CollectiveMarker", "Watchdog", "default_watchdog",
+    "timeout_from_env",
 ]  # fmt: skip
 
 ENV_VAR = "HVDCLIP_STEP_TIMEOUT"
@@ -44,6 +52,8 @@ COMPILE_FACTOR = 10
 _OFF = ("off", "0", "none")
 _RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 _DISARMED = contextlib.nullcontext()
+# How many times per bound the thread reads the markers of compiled steps (at most once a second).
+_POLLS_PER_BOUND = 10
 
 
 def timeout_from_env(environ: Mapping[str, str] | None = None) -> float | None:
@@ -82,6 +92,61 @@ class _Section:
         self._watchdog._disarm(self._token)
 
 
+class CollectiveMarker:
+    """Where a compiled step is: inside its gradient allreduce, or not; written by the step, read by the watchdog.
+
+    `enter(step)` and `leave(tensors)` are called while a step is traced: `enter` writes
+    `[entry number, step]` into a small int64 variable, `leave` writes `[0, step]` once `tensors`
+    (the reduced gradients) exist. The watchdog's thread reads the variable; an entry that stays
+    open longer than the bound ends the process. The first entry after the marker is made (or
+    after `expect_compile`) gets `COMPILE_FACTOR` times the bound: the peers may still be
+    compiling their own first step.
+    """
+
+    def __init__(self, name: str) -> None:
+        import tensorflow as tf
+
+        self.name = name
+        self._tf = tf
+        self._entries = tf.Variable(0, dtype=tf.int64, trainable=False, name="hvdclip_watchdog_entries")
+        self._where = tf.Variable([0, 0], dtype=tf.int64, trainable=False, name="hvdclip_watchdog_marker")
+        self.first = True
+
+    def enter(self, step: Any) -> Any:
+        """An op (to depend on) that marks the allreduce as entered at `step`; call it while tracing."""
+        tf = self._tf
+        entry = self._entries.assign_add(1)
+        return self._where.assign(tf.stack([entry, tf.cast(step, tf.int64)]))
+
+    def leave(self, tensors: Any, step: Any) -> Any:
+        """`tensors`, returned only after the marker says the allreduce is done."""
+        tf = self._tf
+        done = [t for t in tf.nest.flatten(tensors, expand_composites=True) if t is not None]
+        with tf.control_dependencies(done):
+            left = self._where.assign(tf.stack([tf.constant(0, tf.int64), tf.cast(step, tf.int64)]))
+        with tf.control_dependencies([left]):
+            return tf.nest.map_structure(lambda t: None if t is None else tf.identity(t), tensors)
+
+    def expect_compile(self) -> None:
+        """The next entry may wait for peers that are compiling (an elastic job retraced its step)."""
+        self.first = True
+
+    def read(self) -> tuple[int, int]:
+        entry, step = self._where.numpy().tolist()
+        return int(entry), int(step)
+
+
+@dataclass
+class _Watched:
+    """The watchdog thread's view of one marker: the open entry it last saw, since when, and its bound."""
+
+    marker: Any
+    entry: int = 0
+    since: float = 0.0
+    bound: float = 0.0
+    source: str = ""
+
+
 class Watchdog:
     """Ends this process when an armed section outlives its bound.
 
@@ -115,6 +180,7 @@ class Watchdog:
         self._armed: dict[int, tuple[str, float, str, float]] = {}  # token -> (name, bound, source, deadline)
         self._tokens = itertools.count()
         self._thread: threading.Thread | None = None
+        self._watched: list[_Watched] = []
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Watchdog:
@@ -141,17 +207,34 @@ class Watchdog:
             bound, source = bound * COMPILE_FACTOR, f"{COMPILE_FACTOR} x {source}, as the first step compiles"
         return _Section(self, name, bound, source)
 
+    def marker(self, name: str) -> CollectiveMarker | None:
+        """A `CollectiveMarker` for a compiled step's collective named `name`, watched by this watchdog.
+
+        None when the watchdog is disarmed: the step then writes nothing. Make it outside any
+        compiled function (it creates variables), once per step owner.
+        """
+        if self.timeout_s is None:
+            return None
+        marker = CollectiveMarker(name)
+        with self._wake:
+            self._watched.append(_Watched(marker))
+            self._start_thread()
+        return marker
+
     # ------------------------------------------------------------------ the thread
+
+    def _start_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="hvdclip-watchdog", daemon=True)
+            self._thread.start()
+        else:
+            self._wake.notify()  # It may sleep with no deadline, or a later one than a new section's.
 
     def _arm(self, name: str, timeout_s: float, source: str) -> int:
         token = next(self._tokens)
         with self._wake:
             self._armed[token] = (name, timeout_s, source, time.monotonic() + timeout_s)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._watch, name="hvdclip-watchdog", daemon=True)
-                self._thread.start()
-            else:
-                self._wake.notify()  # It may sleep with no deadline, or a later one than this section's.
+            self._start_thread()
         return token
 
     def _disarm(self, token: int) -> None:
@@ -159,19 +242,50 @@ class Watchdog:
             self._armed.pop(token, None)
 
     def _watch(self) -> None:
-        with self._wake:
-            while True:
-                if not self._armed:
+        poll = min(1.0, self.timeout_s / _POLLS_PER_BOUND)
+        next_poll = time.monotonic()
+        while True:
+            with self._wake:
+                watched = list(self._watched)
+                waits = [deadline - time.monotonic() for (_, _, _, deadline) in self._armed.values()]
+                if watched:
+                    waits.append(next_poll - time.monotonic())
+                if not waits:
                     self._wake.wait()
                     continue
-                token = min(self._armed, key=lambda t: self._armed[t][3])
-                name, bound, source, deadline = self._armed[token]
-                remaining = deadline - time.monotonic()
-                if remaining > 0:
+                token = min(self._armed, key=lambda t: self._armed[t][3], default=None)
+                if token is not None and self._armed[token][3] <= time.monotonic():
+                    name, bound, source, _ = self._armed[token]
+                    self._expire(name, bound, source)
+                if min(waits) > 0:
                     # A section that ends early just makes this wake-up find nothing to do.
-                    self._wake.wait(remaining)
+                    self._wake.wait(min(waits))
                     continue
-                self._expire(name, bound, source)
+            # Markers are read outside the lock: a read is a TensorFlow op.
+            next_poll = time.monotonic() + poll
+            for view in watched:
+                self._check(view)
+
+    def _check(self, view: _Watched) -> None:
+        """Ends the process if `view`'s marker has had the same entry open for longer than its bound."""
+        try:
+            entry, step = view.marker.read()
+        except Exception:  # noqa: BLE001 - a marker whose variables are gone (interpreter shutting down)
+            return
+        now = time.monotonic()
+        if entry == 0:
+            view.entry = 0
+            return
+        if entry != view.entry:
+            view.entry, view.since = entry, now
+            view.bound, view.source = self.timeout_s, self._source
+            if view.marker.first:
+                view.bound = self.timeout_s * COMPILE_FACTOR
+                view.source = f"{COMPILE_FACTOR} x {self._source}, as the first step may still compile on a peer"
+                view.marker.first = False
+            return
+        if now - view.since > view.bound:
+            self._expire(f"{view.marker.name} of optimizer step {step}", view.bound, view.source)
 
     def _expire(self, name: str, bound: float, source: str) -> None:
         rank = next((os.environ[v] for v in _RANK_VARIABLES if v in os.environ), "?")

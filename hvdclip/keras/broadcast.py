@@ -6,20 +6,25 @@ import keras
 
 from hvdclip.distributed.collectives import broadcast_from_root
 from hvdclip.distributed.runtime import require_initialized
+from hvdclip.keras import train_function, xla
 from hvdclip.keras.optimizer import DistributedOptimizer
 
 __all__ = ["broadcast_initial_state"]
 
 
 def broadcast_initial_state(model: keras.Model) -> None:
-    """Builds the compiled model's optimizer and sends rank 0's weights, optimizer slots and clip state.
+    """Builds the compiled model's optimizer, sends rank 0's weights, optimizer slots and clip state, and
+    gives the model hvdclip's train function (`hvdclip.keras.train_function`).
 
-    Call it on every rank after `model.compile` and before training (or let
-    `BroadcastGlobalVariablesCallback` call it when `fit` starts). With a plain Keras optimizer
-    it broadcasts the model's and the optimizer's variables, as Horovod's callback does.
+    Call it on every rank after `model.compile` and before training, or let
+    `BroadcastGlobalVariablesCallback` call it when `fit` starts. With a plain Keras optimizer it
+    broadcasts the model's and the optimizer's variables, as Horovod's callback does. A second call
+    sends nothing.
 
     Raises:
         RankMismatchError: on every rank, if the ranks built different models.
+        ValueError: the model is not compiled, not built, compiled with `jit_compile=True`, or
+            computes in float16 with an optimizer that scales no loss.
     """
     require_initialized("hvdclip.keras.broadcast_initial_state")
     if not isinstance(model, keras.Model):
@@ -31,24 +36,33 @@ def broadcast_initial_state(model: keras.Model) -> None:
         optimizer.inner_optimizer, DistributedOptimizer
     ):
         raise ValueError(
-            "Keras wrapped hvdclip's DistributedOptimizer in a LossScaleOptimizer (the mixed_float16 policy's "
-            "auto_scale_loss), which would test each rank's local gradient for NaN before the reduction and let ranks "
-            "take different branches. Compile with auto_scale_loss=False and put the loss scaling inside: "
+            "hvdclip's DistributedOptimizer is wrapped in a LossScaleOptimizer, which would test each rank's local "
+            "gradient for NaN before the reduction and let ranks take different branches. Give the LossScaleOptimizer "
+            "to the DistributedOptimizer instead (or a plain optimizer under mixed_float16: it scales the loss itself): "
             "DistributedOptimizer(keras.optimizers.LossScaleOptimizer(optimizer), clip=...). "
             f"Received: model.optimizer={optimizer.name!r} around {optimizer.inner_optimizer.name!r}"
         )
     if not model.built:
         raise ValueError(
-            f"`model` {model.name!r} is not built yet: call it on a batch or `model.build(input_shape)` first, "
-            "or let fit build it (BroadcastGlobalVariablesCallback broadcasts when fit starts)."
+            f"`model` {model.name!r} is not built yet: call it on a batch or `model.build(input_shape)` first "
+            "(BroadcastGlobalVariablesCallback builds it when fit starts, from fit's first batch)."
         )
-    if isinstance(optimizer, DistributedOptimizer):
-        if not optimizer.state_broadcast:
-            optimizer.clipper.broadcast_initial_state(model)
-            if not optimizer.built:
-                optimizer.build(model.trainable_variables)
-            optimizer.state_broadcast = True
+    if not isinstance(optimizer, DistributedOptimizer):
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        broadcast_from_root(list(model.variables) + list(optimizer.variables))
         return
-    if not optimizer.built:
-        optimizer.build(model.trainable_variables)
-    broadcast_from_root(list(model.variables) + list(optimizer.variables))
+    if model.dtype_policy.name == "mixed_float16" and not optimizer.loss_scaling:
+        raise ValueError(
+            f"`model` {model.name!r} computes in float16 (mixed_float16), but its DistributedOptimizer scales no loss, so "
+            "small gradients would underflow: make the DistributedOptimizer after "
+            "keras.mixed_precision.set_global_policy('mixed_float16') (it then scales the loss itself), or give it a "
+            "keras.optimizers.LossScaleOptimizer. Received: an optimizer made under the float32 policy"
+        )
+    xla.check_fit_compile(model)
+    if not optimizer.state_broadcast:
+        optimizer.clipper.broadcast_initial_state(model)
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        optimizer.state_broadcast = True
+    train_function.install(model)

@@ -1,57 +1,96 @@
-"""Door 2: `DistributedOptimizer`, for `model.compile` + `model.fit`.
+"""Door 2: `DistributedOptimizer`, for `model.compile` + `model.fit`, under Horovod's name and signature.
 
-Keras' `fit` computes each rank's local gradient and hands it to `optimizer.apply_gradients`.
-This optimizer wraps yours and runs the core step there (`hvdclip.Clipper.step`): reduce over
-ranks, unscale (with a `LossScaleOptimizer`), merge sparse rows, clip, skip NaN/Inf steps on every
-rank, apply. Horovod's own `hvd.DistributedOptimizer` fails on Keras 3 variables; this one takes
-its name so that migrating is a find-and-replace:
+Keras' `fit` computes each rank's local gradient and hands it to `optimizer.apply`. This optimizer
+wraps yours and runs the core step there (`hvdclip.Clipper.step`): [accumulate] -> reduce over
+ranks (with the has-data vote of hvdclip's train function) -> unscale -> merge sparse rows -> clip
+-> skip NaN/Inf steps on every rank -> apply. Horovod's own `hvd.DistributedOptimizer` fails on
+Keras 3 variables; this one takes Horovod's arguments, in Horovod's order, with Horovod's defaults,
+plus hvdclip's keywords:
 
     optimizer = hvdclip.keras.DistributedOptimizer(keras.optimizers.Adam(1e-3),
                                                    clip=hvdclip.clip_by_global_norm(1.0))
-    model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
+    model.compile(optimizer=optimizer, loss="mse")
     model.fit(x, y, callbacks=[hvdclip.keras.callbacks.BroadcastGlobalVariablesCallback(0),
                                hvdclip.keras.callbacks.MetricAverageCallback()])
+
+Why it subclasses `keras.optimizers.LossScaleOptimizer`: under the `mixed_float16` policy Keras'
+`compile` wraps any optimizer that is not one in a `LossScaleOptimizer`, which tests each rank's
+*local* gradient for NaN/Inf before the reduction (ranks could then take different branches, one
+waiting in an allreduce the other skipped) and unscales before the clip. Being one, this optimizer
+is left alone, and does the loss scaling itself, in the core step's order: unscale after the
+reduction, skip on the reduced gradient. Without mixed precision it scales nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
+import horovod.tensorflow as hvd
 import keras
 import tensorflow as tf
 
 from hvdclip.core.step import Clipper
+from hvdclip.core.step_sums import StepSums
+from hvdclip.distributed.reduction import Reduction
 from hvdclip.errors import HvdClipError
 from hvdclip.transforms.base import GradientTransform
+from hvdclip.validation import check_bool, check_int
 
-__all__ = ["DistributedOptimizer", "STEP_METRICS"]
+__all__ = ["DistributedOptimizer"]
 
-# What the optimizer sums over the steps since `reset_step_metrics`, in this order: the step count,
-# the applied steps, then the norms and the clip flag of the applied steps only (a skipped step's
-# norm is NaN or Inf and would swamp the mean), then the skipped steps.
-STEP_METRICS = ("steps", "applied", "grad_norm", "clipped_grad_norm", "clip_active", "skipped")
+# Horovod's Keras optimizer takes these ops only; its reduction arguments' defaults.
+_HOROVOD_OPS = ("average", "sum")
+_HOROVOD_DEFAULTS = {
+    "device_dense": "", "device_sparse": "", "compression": hvd.Compression.none, "sparse_as_dense": False,
+    "gradient_predivide_factor": 1.0, "op": hvd.Average, "num_groups": 0, "groups": None,
+    "process_set": hvd.global_process_set,
+}  # fmt: skip
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    return value is default or (isinstance(value, (str, bool, int, float)) and value == default and type(value) is type(default))
 
 
 @keras.saving.register_keras_serializable(package="hvdclip")
-class DistributedOptimizer(keras.optimizers.Optimizer):
+class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
     """Wraps a Keras 3 optimizer so that `fit` reduces, clips and applies like every hvdclip door.
 
-    Args:
+    Horovod's arguments, with Horovod's defaults:
         optimizer: the Keras 3 optimizer that applies the update (or a `LossScaleOptimizer`
-            around it, for mixed precision). Without clipping keywords: clipping is `clip`.
+            around it, for mixed precision; a plain one is wrapped for you under `mixed_float16`).
+            Without clipping keywords: clipping is `clip`.
+        name: the optimizer's name (default "Distributed" + the optimizer's class name).
+        device_dense, device_sparse: devices for the reduction ("" lets Horovod choose).
+        compression: `hvd.Compression.none` (default) or `hvd.Compression.fp16` (or "fp16").
+        sparse_as_dense: allreduce embedding gradients as dense tensors.
+        gradient_predivide_factor: divide by this before the sum, by size / factor after.
+        op: `hvd.Average` (default) or `hvd.Sum`.
+        backward_passes_per_step: batches per optimizer step: the first k - 1 add this rank's
+            gradient to its sums without communicating, the k-th reduces and applies the window.
+        average_aggregated_gradients: divide the window's sum by `backward_passes_per_step`
+            (default False, Horovod's: the window's gradients are summed).
+        num_groups: Horovod's older name for an int `groups`.
+        groups: None (default: one allreduce per gradient, batched by Horovod's fusion buffer),
+            an int > 0 (that many grouped allreduces), or a list of lists of variables.
+        process_set: the Horovod process set to reduce over (default: every rank).
+        scale_local_gradients: accepted for Horovod's signature; it only acts on variables given
+            to Horovod's `register_local_var`, which hvdclip does not support (docs/horovod.md).
+
+    hvdclip's, by keyword:
         clip: a `GradientTransform` such as `hvdclip.clip_by_global_norm(1.0)`, run on the
             reduced, unscaled gradient; None applies it unclipped.
         skip_nonfinite: skip the step on every rank when the reduced gradient has a NaN or Inf.
-        compression, sparse_as_dense, op, gradient_predivide_factor, groups: Horovod's reduction
-            options, as for `hvd.DistributedOptimizer`.
-        name: the optimizer's name.
+        reduction: an `hvdclip.Reduction` instead of Horovod's reduction arguments (not both).
 
-    Its `variables` are the wrapped optimizer's plus the clip state and skip counters, so
-    `BroadcastGlobalVariablesCallback`, `ModelCheckpoint` and `BackupAndRestore` carry them.
-    `learning_rate` and `iterations` are the wrapped optimizer's (`ReduceLROnPlateau` and
-    `LearningRateScheduler` work unchanged). The step's metrics (`grad_norm`, `clipped_grad_norm`,
-    `clip_rate`, `skipped`) reach the logs through `MetricAverageCallback`.
+    Its `variables` are the wrapped optimizer's plus the clip state, the counters and the
+    accumulation state, so `BroadcastGlobalVariablesCallback`, `ModelCheckpoint` and
+    `BackupAndRestore` carry them. `learning_rate` and `iterations` are the wrapped optimizer's
+    (`ReduceLROnPlateau` and `LearningRateScheduler` work unchanged). The step's metrics
+    (`grad_norm`, `clipped_grad_norm`, `clip_rate`, `skipped`) reach the logs through
+    `MetricAverageCallback`.
 
     A model saved with this optimizer reloads with `compile=False`; compile it again with a new
     `DistributedOptimizer` (a clip transform holds Python functions, which a `.keras` file cannot).
@@ -60,53 +99,95 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
     def __init__(
         self,
         optimizer: keras.optimizers.Optimizer,
-        clip: GradientTransform | None = None,
-        *,
-        skip_nonfinite: bool = True,
-        compression: str | None = None,
-        sparse_as_dense: bool = False,
-        op: str = "average",
-        gradient_predivide_factor: float = 1.0,
-        groups: int = 1,
         name: str | None = None,
+        device_dense: str = "",
+        device_sparse: str = "",
+        compression: Any = hvd.Compression.none,
+        sparse_as_dense: bool = False,
+        gradient_predivide_factor: float = 1.0,
+        op: Any = hvd.Average,
+        backward_passes_per_step: int = 1,
+        average_aggregated_gradients: bool = False,
+        num_groups: int = 0,
+        groups: Any = None,
+        process_set: Any = hvd.global_process_set,
+        scale_local_gradients: bool = True,
+        *,
+        clip: GradientTransform | None = None,
+        skip_nonfinite: bool = True,
+        reduction: Reduction | None = None,
     ) -> None:
-        clipper = Clipper(
-            optimizer,
-            clip,
-            skip_nonfinite=skip_nonfinite,
-            compression=compression,
-            sparse_as_dense=sparse_as_dense,
-            op=op,
-            gradient_predivide_factor=gradient_predivide_factor,
-            groups=groups,
-        )
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise TypeError(
+                f"`optimizer` must be a Keras 3 optimizer such as keras.optimizers.Adam(). Received: optimizer={optimizer!r}"
+            )
         if name is not None and (not isinstance(name, str) or not name):
-            error = TypeError if not isinstance(name, str) else ValueError
-            raise error(f"`name` must be a non-empty str or None. Received: name={name!r}")
-        super().__init__(learning_rate=0.0, name=name)
-        self.inner_optimizer = optimizer
+            raise (TypeError if not isinstance(name, str) else ValueError)(
+                f"`name` must be a non-empty str or None. Received: name={name!r}"
+            )
+        check_int("backward_passes_per_step", backward_passes_per_step, ge=1)
+        check_bool("average_aggregated_gradients", average_aggregated_gradients)
+        check_bool("scale_local_gradients", scale_local_gradients)
+        check_int("num_groups", num_groups, ge=0)
+        horovod = {
+            "device_dense": device_dense, "device_sparse": device_sparse, "compression": compression,
+            "sparse_as_dense": sparse_as_dense, "gradient_predivide_factor": gradient_predivide_factor, "op": op,
+            "num_groups": num_groups, "groups": groups, "process_set": process_set,
+        }  # fmt: skip
+        if reduction is None:
+            reduction = Reduction(
+                device_dense=device_dense, device_sparse=device_sparse, compression=compression,
+                sparse_as_dense=sparse_as_dense, gradient_predivide_factor=gradient_predivide_factor, op=op,
+                groups=groups if groups is not None else num_groups,
+                process_set=None if process_set is hvd.global_process_set else process_set,
+            )  # fmt: skip
+            if reduction.op not in _HOROVOD_OPS:
+                raise ValueError(f"`op` must be hvd.Average or hvd.Sum, as for Horovod's DistributedOptimizer. Received: op={op!r}")
+        elif not isinstance(reduction, Reduction):
+            raise TypeError(f"`reduction` must be an hvdclip.Reduction or None. Received: reduction={reduction!r}")
+        else:
+            changed = sorted(name for name, value in horovod.items() if not _is_default(value, _HOROVOD_DEFAULTS[name]))
+            if changed:
+                raise ValueError(
+                    "Pass the reduction either as `reduction=hvdclip.Reduction(...)` or as Horovod's arguments, not "
+                    f"both. Received: reduction={reduction!r} and {', '.join(changed)}"
+                )
+        inner = optimizer
+        if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and keras.config.dtype_policy().name == "mixed_float16":
+            # What Keras' compile would do, but inside the core step's order (see the module docstring).
+            inner = keras.optimizers.LossScaleOptimizer(optimizer)
+        clipper = Clipper(
+            inner, clip, reduction=reduction, accumulation_steps=backward_passes_per_step,
+            average_accumulated=average_aggregated_gradients, skip_nonfinite=skip_nonfinite,
+        )  # fmt: skip
+        super().__init__(optimizer, name=name or f"Distributed{type(optimizer).__name__}")
         self.clipper = clipper
-        self._options = {
+        self._config = {
+            "backward_passes_per_step": backward_passes_per_step,
+            "average_aggregated_gradients": average_aggregated_gradients,
             "skip_nonfinite": skip_nonfinite,
-            "compression": compression,
-            "sparse_as_dense": sparse_as_dense,
-            "op": op,
-            "gradient_predivide_factor": gradient_predivide_factor,
-            "groups": groups,
-        }
-        # Set by BroadcastGlobalVariablesCallback (or `broadcast_initial_state`): a compiled step
-        # refuses to run before rank 0's state has reached every rank.
+            "reduction": {"compression": reduction.compression, "sparse_as_dense": reduction.sparse_as_dense,
+                          "op": reduction.op, "gradient_predivide_factor": reduction.gradient_predivide_factor,
+                          "groups": reduction.groups if isinstance(reduction.groups, int) else 0,
+                          "device_dense": reduction.device_dense, "device_sparse": reduction.device_sparse},
+        }  # fmt: skip
+        # Set by `hvdclip.keras.broadcast_initial_state` (which BroadcastGlobalVariablesCallback runs):
+        # a step refuses to run before rank 0's state has reached every rank.
         self.state_broadcast = False
-        self.step_sums = tf.Variable(tf.zeros([len(STEP_METRICS)], tf.float64), trainable=False, name="hvdclip_step_sums")
+        self.step_sums = StepSums()
+        self._has_data: tf.Tensor | None = None  # The vote of the step being traced (hvdclip's train function).
+
+    # ------------------------------------------------------------------ Keras' optimizer interface
 
     def build(self, var_list):
         self.clipper.build(var_list)
-        super().build(var_list)
+        keras.optimizers.Optimizer.build(self, var_list)  # Not LossScaleOptimizer's: the clipper scales.
 
     @property
     def variables(self):
-        """The wrapped optimizer's variables, then the clip state and skip counters."""
-        return self._variables + [variable for _, variable in self.clipper.named_variables()]
+        """The wrapped optimizer's variables, the clip state, the counters and the accumulation state."""
+        own = [variable for _, variable in self.clipper.named_variables() + self.clipper.local_variables()]
+        return self._variables + own
 
     def apply(self, grads, trainable_variables=None):
         if not self.built:
@@ -118,57 +199,62 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
                 "to fit, or call hvdclip.keras.broadcast_initial_state(model) after compile and before the first step."
             )
         variables = list(trainable_variables if trainable_variables is not None else self._trainable_variables)
-        metrics = self.clipper.step(list(grads), variables)
-        skipped = metrics["skipped"]
-        applied = [tf.where(skipped, tf.constant(0.0, tf.float64), tf.cast(metrics[name], tf.float64))
-                   for name in ("grad_norm", "clipped_grad_norm", "clip_active")]
-        one = tf.constant(1.0, tf.float64)
-        self.step_sums.assign_add(tf.stack([one, one - tf.cast(skipped, tf.float64), *applied, tf.cast(skipped, tf.float64)]))
+        report = self.clipper.step(list(grads), variables, has_data=self._has_data)
+        self.step_sums.add(report)
 
-    def step_metrics(self) -> dict[str, float]:
-        """The steps since `reset_step_metrics` (the same on every rank); empty before any step.
-
-        `grad_norm`, `clipped_grad_norm` and `clip_rate` are means over the applied steps (NaN if
-        every step was skipped); `skipped` counts the skipped ones.
-        """
-        sums = dict(zip(STEP_METRICS, self.step_sums.numpy().tolist()))
-        if sums["steps"] == 0:
-            return {}
-        applied = sums["applied"]
-        mean = (lambda name: sums[name] / applied) if applied else (lambda name: float("nan"))  # noqa: E731
-        return {
-            "grad_norm": mean("grad_norm"),
-            "clipped_grad_norm": mean("clipped_grad_norm"),
-            "clip_rate": mean("clip_active"),
-            "skipped": sums["skipped"],
-        }
-
-    def reset_step_metrics(self) -> None:
-        self.step_sums.assign(tf.zeros_like(self.step_sums))
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        raise NotImplementedError("hvdclip.keras.DistributedOptimizer runs on the TensorFlow backend, with state.")
 
     def scale_loss(self, loss):
         return self.clipper.scale_loss(loss)
 
     @property
-    def learning_rate(self):
-        return self.inner_optimizer.learning_rate
+    def loss_scaling(self) -> bool:
+        """Whether the loss is scaled (mixed precision): the wrapped optimizer is, or was made, a LossScaleOptimizer."""
+        return self.clipper.loss_scaling
 
-    @learning_rate.setter
-    def learning_rate(self, learning_rate):
-        self.inner_optimizer.learning_rate = learning_rate
+    # ------------------------------------------------------------------ hvdclip's train function
 
-    @property
-    def iterations(self):
-        return self.inner_optimizer.iterations
+    @contextlib.contextmanager
+    def voting(self, has_data: tf.Tensor | None) -> Iterator[None]:
+        """While a train step is traced: this rank's has-data flag rides in the step's gradient allreduce."""
+        self._has_data = has_data
+        try:
+            yield
+        finally:
+            self._has_data = None
 
-    def finalize_variable_values(self, var_list):
-        self.inner_optimizer.finalize_variable_values(var_list)
+    def step_metrics(self) -> dict[str, float]:
+        """The steps since `reset_step_metrics` (the same on every rank); empty before any step.
+
+        `grad_norm`, `clipped_grad_norm` and `clip_rate` are means over the applied optimizer steps
+        (NaN if every step was skipped); `skipped` counts the skipped ones.
+        """
+        totals = self.step_sums.totals()
+        if "skipped" not in totals or totals["skipped"][1] == 0:
+            return {}
+
+        def mean(name: str) -> float:
+            total, count = totals[name]
+            return total / count if count else float("nan")
+
+        return {
+            "grad_norm": mean("grad_norm"),
+            "clipped_grad_norm": mean("clipped_grad_norm"),
+            "clip_rate": mean("clip_active"),
+            "skipped": totals["skipped"][0],
+        }
+
+    def reset_step_metrics(self) -> None:
+        self.step_sums.reset()
+
+    # ------------------------------------------------------------------ saving
 
     def get_config(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
-            **self._options,
+            **self._config,
         }
 
     @classmethod
@@ -180,4 +266,5 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             "one): load the model with compile=False and compile it with a new DistributedOptimizer(..., clip=...).",
             stacklevel=2,
         )
-        return cls(optimizer, None, **config)
+        reduction = Reduction(**config.pop("reduction", {}))
+        return cls(optimizer, name=config.pop("name", None), reduction=reduction, **config)

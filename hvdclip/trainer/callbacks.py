@@ -1,4 +1,4 @@
-"""Callbacks for `HvdClipTrainer.fit`: the interface, a progress bar and early stopping.
+"""Callbacks for `HvdClipTrainer.fit`: the interface, Keras callbacks inside it, and the progress bar `verbose` adds.
 
 Every rank runs every callback with the same arguments at the same point of the loop. Epoch logs
 are averaged over ranks, so a decision based on them (stop now) is the same everywhere. Callbacks
@@ -140,12 +140,14 @@ class ProgressBar(Callback):
 
     Args:
         verbose: 1 for a live bar, 2 for one line per epoch.
+        sums: the epoch's running sums of the step metrics (`FitState.epoch_sums`), read at each redraw.
         interval: minimum seconds between redraws of the live bar.
     """
 
-    def __init__(self, verbose: int = 1, interval: float = 0.05) -> None:
+    def __init__(self, verbose: int, sums: Any, interval: float = 0.05) -> None:
         self.verbose = check_int("verbose", verbose, ge=1, le=2)
         self.interval = check_number("interval", interval, ge=0)
+        self._sums = sums
         self._bar: keras.utils.Progbar | None = None
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -167,7 +169,7 @@ class ProgressBar(Callback):
         now = self._last_step = time.perf_counter()
         if self.verbose == 1 and now - self._last_draw >= self.interval:
             self._last_draw = now
-            means = self.trainer.fit_state.epoch_sums.means()  # This rank's steps of the epoch so far.
+            means = self._sums.means()  # This rank's steps of the epoch so far.
             self._bar.update(self._done, self._values(means), finalize=False)
 
     def on_epoch_end(self, epoch, logs):

@@ -9,6 +9,12 @@ step and epoch counters and its shuffle RNG). Variables are stored by position, 
 auto-generated names ("dense_3"), so a checkpoint restores into a freshly built copy of the model
 in another process; a structural difference is reported by the first variable that differs.
 
+With gradient accumulation, a checkpoint taken inside a window also needs each rank's partial sums
+(rank-local state: `hvdclip.core.accumulation`). Every rank's are gathered to rank 0 and written
+beside the checkpoint, in `<prefix>-window.*`, with the number of ranks; `restore` reads them and
+the start-up hands each rank its own, so the resumed window gives the uninterrupted run's update.
+A checkpoint at a window's end has no such file.
+
 Writes are atomic at the level that matters: TensorFlow writes a checkpoint's files under a
 temporary name and renames them, and the manager then updates the `checkpoint` index file
 (itself written to a temporary file and renamed). `latest` reads that index, so a crash during a
@@ -19,15 +25,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import numpy as np
 
 import tensorflow as tf
 
-from hvdclip.trainer.callbacks import Callback
-from hvdclip.errors import CheckpointError
+from hvdclip.distributed.collectives import gather_variables
 from hvdclip.distributed.rank_zero import is_rank_zero, on_rank_zero, writable_directory
+from hvdclip.errors import CheckpointError
+from hvdclip.trainer.callbacks import Callback
 from hvdclip.validation import check_int, check_path
 
-__all__ = ["CheckpointSaver", "Named", "latest", "read"]
+__all__ = ["CheckpointSaver", "Named", "Restored", "latest", "read"]
 
 # [(label shown in errors, variable)], in the order of the trainer's start-up broadcast.
 Named = Sequence[tuple[str, tf.Variable]]
@@ -44,6 +54,20 @@ def _key(index: int) -> str:
 
 
 _LABELS_KEY = "labels/.ATTRIBUTES/VARIABLE_VALUE"
+_WINDOW = "-window"  # Suffix of the file with every rank's accumulation sums, beside its checkpoint.
+
+
+def _window_key(index: int) -> str:
+    return f"sums/{index}/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+class Restored(NamedTuple):
+    """What `read` found: the checkpoint's prefix and, if taken inside an accumulation window, every
+    rank's sums (`window_sums[i]` is `[window_ranks, *shape]` for local variable i)."""
+
+    prefix: str
+    window_ranks: int = 0
+    window_sums: list[np.ndarray] | None = None
 
 
 def latest(path: str | os.PathLike) -> str | None:
@@ -87,8 +111,11 @@ def _check_fits(named: Named, prefix: str) -> None:
     )
 
 
-def read(named: Named, path: str | os.PathLike, *, missing_ok: bool = False) -> str | None:
-    """Loads the checkpoint at `path` into the `named` variables (call on rank 0); returns its prefix.
+def read(named: Named, path: str | os.PathLike, *, missing_ok: bool = False, local: Named = ()) -> Restored | None:
+    """Loads the checkpoint at `path` into the `named` variables (call on rank 0).
+
+    `local` are the rank-local variables (accumulation sums) whose every-rank values a checkpoint
+    taken inside a window holds; they are returned, not loaded: each belongs to another rank.
 
     Returns None if there is no checkpoint and `missing_ok`; raises `CheckpointError` if there is
     none otherwise, or if it does not fit (naming the mismatched variable), or cannot be read.
@@ -105,9 +132,15 @@ def read(named: Named, path: str | os.PathLike, *, missing_ok: bool = False) -> 
         _check_fits(named, prefix)
         status = _checkpoint(named).read(prefix)
         status.assert_existing_objects_matched().expect_partial()
+        if not tf.io.gfile.exists(prefix + _WINDOW + ".index"):
+            return Restored(prefix)
+        reader = tf.train.load_checkpoint(prefix + _WINDOW)
+        sums = [reader.get_tensor(_window_key(i)) for i in range(len(local))]
     except tf.errors.OpError as error:
         raise CheckpointError(f"Checkpoint {prefix!r} cannot be read: {error.message}") from None
-    return prefix
+    if any(tuple(value.shape[1:]) != tuple(variable.shape) for value, (_, variable) in zip(sums, local)):
+        raise CheckpointError(f"Checkpoint {prefix!r}'s accumulation sums do not fit this trainer's variables.")
+    return Restored(prefix, int(sums[0].shape[0]) if sums else 0, sums)
 
 
 class CheckpointSaver(Callback):
@@ -138,7 +171,7 @@ class CheckpointSaver(Callback):
     def on_train_begin(self, logs=None):
         on_rank_zero(lambda: writable_directory(self.directory, "directory"), name="checkpoint_directory")
         if is_rank_zero():
-            checkpoint = _checkpoint(self.trainer.named_state_variables())
+            checkpoint = _checkpoint(self.trainer.engine.named_state_variables())
             self._manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=self.max_to_keep)
 
     def on_step_end(self, step, logs):
@@ -146,12 +179,29 @@ class CheckpointSaver(Callback):
             self._save(step)
 
     def on_epoch_end(self, epoch, logs):
-        self._save(int(self.trainer.global_step.numpy()))
+        self._save(int(self.trainer.engine.fit_state.global_step.numpy()))
 
     def _save(self, step: int) -> None:
         # Plain BatchNormalization's rank-local moving statistics: save their mean over ranks (on
         # every rank, so a resumed run continues from exactly the state the others continue from).
-        self.trainer.average_local_statistics()
+        self.trainer.engine.average_local_statistics()
+        # Inside an accumulation window (the counter is the same on every rank: all gather or none).
+        local = [] if self.trainer.engine.between_windows() else [v for _, v in self.trainer.engine.local_state_variables()]
+        sums = gather_variables(local, "window_sums") if local else None
         # Every rank waits for rank 0's write, so a failed write raises everywhere instead of hanging.
-        saved = on_rank_zero(lambda: self._manager.save(checkpoint_number=step), name="checkpoint_save")
+        saved = on_rank_zero(lambda: self._write(step, sums), name="checkpoint_save")
         self.saved.append(saved)
+
+    def _write(self, step: int, sums: list[np.ndarray] | None) -> str:
+        prefix = self._manager.save(checkpoint_number=step)
+        for stale in tf.io.gfile.glob(prefix + _WINDOW + ".*"):  # From an earlier run that saved this step.
+            tf.io.gfile.remove(stale)
+        if sums is not None:
+            window = tf.train.Checkpoint(sums=[tf.Variable(value, trainable=False) for value in sums])
+            window.write(prefix + _WINDOW)
+        kept = set(self._manager.checkpoints)
+        for index in tf.io.gfile.glob(os.path.join(self.directory, f"*{_WINDOW}.index")):
+            if index[: -len(_WINDOW + ".index")] not in kept:  # Its checkpoint was rotated out.
+                for name in tf.io.gfile.glob(index[: -len(".index")] + ".*"):
+                    tf.io.gfile.remove(name)
+        return prefix

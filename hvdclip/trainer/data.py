@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.data.experimental.ops.distribute import _AutoShardDataset  # tf.distribute's rewrite.
 
+from hvdclip import foreign
 from hvdclip.distributed.collectives import agree_any, allgather_int64
 from hvdclip.validation import check_int, check_number
 
-__all__ = ["InputPlan", "EpochLength", "SHARD_MODES", "check_shard", "batch_size_of", "check_batch", "check_class_weight"]
+__all__ = ["InputPlan", "SHARD_MODES", "check_shard", "batch_size_of", "check_batch", "check_class_weight"]
 
 SHARD_MODES = ("auto", "files", "elements", False)
 # How many leading elements `fit` fingerprints to see whether every rank built the same dataset.
@@ -50,12 +50,6 @@ def check_shard(shard: Any) -> str | bool:
     return shard
 
 
-def _by_file(dataset: tf.data.Dataset, size: int, rank: int) -> tf.data.Dataset:
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.FILE
-    return _AutoShardDataset(dataset.with_options(options), size, rank)
-
-
 def _can_shard_by_file(dataset: tf.data.Dataset, size: int, rank: int) -> bool:
     """Whether tf.data can give this rank its own files: the dataset reads files, at least `size` of them.
 
@@ -66,7 +60,7 @@ def _can_shard_by_file(dataset: tf.data.Dataset, size: int, rank: int) -> bool:
     if not _reads_files(dataset):
         return False
     try:
-        for _ in _by_file(dataset, size, rank).take(1):
+        for _ in foreign.auto_shard_by_file(dataset, size, rank).take(1):
             pass
     except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError):
         return False
@@ -76,7 +70,7 @@ def _can_shard_by_file(dataset: tf.data.Dataset, size: int, rank: int) -> bool:
 def _reads_files(dataset: tf.data.Dataset) -> bool:
     """Whether the dataset's graph has a file reader (TFRecord, text lines, fixed-length records)."""
     graph = tf.compat.v1.GraphDef()
-    graph.ParseFromString(dataset._as_serialized_graph().numpy())
+    graph.ParseFromString(foreign.serialized_dataset_graph(dataset))
     ops = {node.op for node in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
     return any(op.startswith(("TFRecordDataset", "TextLineDataset", "FixedLengthRecordDataset")) for op in ops)
 
@@ -88,34 +82,6 @@ def _fingerprint(dataset: tf.data.Dataset) -> int:
         for leaf in tf.nest.flatten(element):
             digest.update(np.ascontiguousarray(leaf.numpy()).tobytes())
     return int(np.frombuffer(digest.digest()[:8], dtype=np.int64)[0] & 0x7FFFFFFFFFFFFFFF)
-
-
-@dataclass(frozen=True)
-class EpochLength:
-    """How long `fit`'s epochs are, as every rank agreed at the start.
-
-    Attributes:
-        steps: steps per epoch; None when the epoch ends only when some rank runs out of data.
-        watch: each step carries this rank's has-data flag, and the epoch ends on every rank
-            at the step after which some rank has no batch (some rank's length is unknown).
-        counts: each rank's number of batches per epoch (negative: unknown or infinite).
-    """
-
-    steps: int | None
-    watch: bool
-    counts: list[int] = field(default_factory=list)
-
-    def warn_if_uneven(self) -> None:
-        """Warns with each rank's count when known counts differ (call it on rank 0 only)."""
-        if self.watch or len(set(self.counts)) <= 1:
-            return
-        shown = ", ".join(f"rank {rank}: {count}" for rank, count in enumerate(self.counts))
-        warnings.warn(
-            f"The ranks' shards of `dataset` have different numbers of batches ({shown}). Every rank runs "
-            f"{self.steps} steps per epoch, the shortest shard's, so the longer shards' last batches are "
-            "skipped each epoch; a dataset that splits evenly uses them all.",
-            stacklevel=4,
-        )
 
 
 @dataclass(frozen=True)
@@ -166,7 +132,7 @@ class InputPlan:
         """This rank's batches for one epoch; `seed` reseeds the shuffle (same seed, same order)."""
         dataset = self.dataset
         if self.size > 1 and self.shard == "files":
-            dataset = _by_file(dataset, self.size, self.rank)
+            dataset = foreign.auto_shard_by_file(dataset, self.size, self.rank)
         elif self.size > 1 and self.shard:  # "elements" ("auto" before `resolved` counts as elements).
             dataset = dataset.shard(self.size, self.rank)
         if self.shuffle_buffer is not None:

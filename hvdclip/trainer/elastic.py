@@ -37,6 +37,7 @@ from horovod.common.elastic import State, run_fn
 from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 from horovod.tensorflow.functions import broadcast_object
 
+from hvdclip import foreign
 from hvdclip.distributed.watchdog import default_watchdog
 from hvdclip.errors import CheckpointError, ElasticResetError
 from hvdclip.keras.schedules import ScaledWarmup
@@ -92,7 +93,7 @@ def launched_elastically() -> bool:
 
 
 def _scaled_warmup(optimizer: Any) -> ScaledWarmup | None:
-    rate = getattr(optimizer, "inner_optimizer", optimizer)._learning_rate
+    rate = foreign.learning_rate_object(optimizer)
     return rate if isinstance(rate, ScaledWarmup) else None
 
 
@@ -104,8 +105,7 @@ def rescale_learning_rate(optimizer: Any, old_size: int, new_size: int) -> None:
     use `Elastic(learning_rate="keep")` or wrap it in `ScaledWarmup`. Every rank must call it with
     the same sizes, so the result is the same everywhere.
     """
-    inner = getattr(optimizer, "inner_optimizer", optimizer)  # A LossScaleOptimizer's rate is its inner one's.
-    rate = inner._learning_rate
+    rate = foreign.learning_rate_object(optimizer)  # A LossScaleOptimizer's rate is its inner one's.
     if isinstance(rate, ScaledWarmup):
         rate.size = new_size  # A Python number in the compiled step: the caller retraces.
     elif isinstance(rate, tf.Variable) or hasattr(rate, "assign"):
@@ -119,8 +119,7 @@ def rescale_learning_rate(optimizer: Any, old_size: int, new_size: int) -> None:
 
 def check_rescalable(optimizer: Any) -> None:
     """Raises at the start of `fit` (not at the first reset) if `rescale_learning_rate` could not work."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    rate = inner._learning_rate
+    rate = foreign.learning_rate_object(optimizer)
     if not (isinstance(rate, ScaledWarmup) or isinstance(rate, tf.Variable) or hasattr(rate, "assign")):
         raise ValueError(
             f"Elastic(learning_rate='scale') cannot rescale a {type(rate).__name__} learning rate at a change of "
@@ -143,9 +142,9 @@ class ElasticState(State):
         reset_log: one `(cause, old size, new size, committed step, seconds)` per reset.
     """
 
-    def __init__(self, trainer: Any, policy: Elastic, history: Any, sample_batch: Any) -> None:
+    def __init__(self, engine: Any, policy: Elastic, history: Any, sample_batch: Any) -> None:
         super().__init__(bcast_object=_broadcast_object, get_rank=hvd.rank)
-        self._trainer = trainer
+        self._engine = engine
         self._policy = policy
         self._history = history
         self._sample_batch = sample_batch
@@ -161,17 +160,21 @@ class ElasticState(State):
 
     # ------------------------------------------------------------------ Horovod's State interface
 
+    def _variables(self) -> list:
+        # The shared state and this rank's own (its accumulation sums, zero at a commit: commits
+        # wait for the end of a window).
+        return [v for _, v in self._engine.named_state_variables() + self._engine.local_state_variables()]
+
     def save(self) -> None:
-        named = self._trainer.named_state_variables()
-        values = [np.array(variable.numpy(), copy=True) for _, variable in named]
+        values = [np.array(variable.numpy(), copy=True) for variable in self._variables()]
         history = ({name: len(values) for name, values in self._history.history.items()}, len(self._history.epochs))
-        self._saved = (values, self.lr_size, history, self._trainer.optimizer_steps)
+        self._saved = (values, self.lr_size, history, self._engine.optimizer_steps)
 
     def restore(self) -> None:
         if self._saved is None:
             return
-        values, self.lr_size, (lengths, epochs), self._trainer.optimizer_steps = self._saved
-        for (_, variable), value in zip(self._trainer.named_state_variables(), values):
+        values, self.lr_size, (lengths, epochs), self._engine.optimizer_steps = self._saved
+        for variable, value in zip(self._variables(), values):
             variable.assign(value)
         for name in list(self._history.history):
             if name in lengths:
@@ -191,50 +194,50 @@ class ElasticState(State):
             raise mapped from error
 
     def _sync(self) -> None:
-        trainer = self._trainer
+        engine = self._engine
         restore_error = None
         # The bound of a first step: a joining rank may still be building and tracing.
         with default_watchdog().section("the elastic state's broadcast from rank 0", compiling=True):
-            if trainer.started:
-                trainer.rebroadcast()
+            if engine.started:
+                engine.rebroadcast()
             else:
-                read, trainer.deferred_restore = trainer.deferred_restore, None
+                read, engine.deferred_restore = engine.deferred_restore, None
                 if hvd.rank() == 0 and read is not None:
                     # `restore` in an elastic job: rank 0 reads, the broadcast sends it to every rank.
                     # Only the job's first sync gets here on rank 0 (later, rank 0 is an older host).
                     try:
-                        if read() is not None:
-                            trainer.fit_state.resume_pending = True
+                        engine.take_restored(read())
                     except CheckpointError as error:
                         restore_error = str(error)
-                trainer.start(self._sample_batch)
+                    engine.discard_window_sums()
+                engine.start(self._sample_batch)
             # Rank 0 decides, so a joining rank (fresh, nothing pending) continues where the others are.
-            fit_state, warmup = trainer.fit_state, _scaled_warmup(trainer.optimizer)
-            (self.lr_size, fit_state.resume_pending, trainer.optimizer_steps, warmup_size, restore_error) = (
+            fit_state, warmup = engine.fit_state, _scaled_warmup(engine.optimizer)
+            (self.lr_size, resuming, engine.optimizer_steps, warmup_size, restore_error) = (
                 self._bcast_object(
-                    (self.lr_size, fit_state.resume_pending, trainer.optimizer_steps,
-                     warmup and warmup.size, restore_error)
+                    (self.lr_size, fit_state.resuming, engine.optimizer_steps, warmup and warmup.size, restore_error)
                 )
-            )  # fmt: skip
+            )
+            fit_state.resume_here(resuming)
         if restore_error is not None:
             raise CheckpointError(restore_error)  # On every rank: rank 0 could not restore.
         if warmup is not None:
             warmup.size = warmup_size  # A joining rank made its schedule with its own world's size.
         size = hvd.size()
         if self._policy.learning_rate == "scale" and self.lr_size != size:
-            rescale_learning_rate(trainer.optimizer, self.lr_size, size)
+            rescale_learning_rate(engine.optimizer, self.lr_size, size)
             self.lr_size = size
         if size != self._traced_size:
-            trainer.retrace()  # Whatever the step read from Python at trace time (a schedule's size).
+            engine.retrace()  # Whatever the step read from Python at trace time (a schedule's size).
             self._traced_size = size
         if self._reset_started is not None:
             cause, old_size, started = self._reset_started
-            self.reset_log.append((cause, old_size, size, int(trainer.global_step.numpy()), time.monotonic() - started))
+            self.reset_log.append((cause, old_size, size, int(engine.fit_state.global_step.numpy()), time.monotonic() - started))
             self._reset_started = None
             if hvd.rank() == 0:
                 print(
                     f"hvdclip elastic: {cause}; world size {old_size} -> {size}; continuing from the commit at global "
-                    f"step {int(trainer.global_step.numpy())} after {self.reset_log[-1][-1]:.1f} s",
+                    f"step {int(engine.fit_state.global_step.numpy())} after {self.reset_log[-1][-1]:.1f} s",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -242,8 +245,8 @@ class ElasticState(State):
 
     def reset(self) -> None:
         """After a failure or a discovery change, before the next sync: drop what no commit holds."""
-        self._trainer.prepare_for_reentry()
-        self._trainer.fit_state.resume_pending = True  # Re-entered, `fit` continues from the committed position.
+        self._engine.prepare_for_reentry()
+        self._engine.fit_state.resume_here()  # Re-entered, `fit` continues from the committed position.
         self.resets += 1
 
     # ------------------------------------------------------------------ hvdclip's use
@@ -261,7 +264,7 @@ class ElasticState(State):
         every = self._policy.commit_every
         if epoch_end or (every is not None and global_step % every == 0):
             self._commit_due = True
-        if self._commit_due and self._trainer.between_optimizer_steps():
+        if self._commit_due and self._engine.between_windows():
             self.commit()
 
     def began_reset(self, cause: str, old_size: int) -> None:

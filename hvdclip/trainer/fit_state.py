@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 
 from hvdclip.distributed import bridge as horovod_bridge
-from hvdclip.trainer.step_logs import StepSums
+from hvdclip.core.step_sums import StepSums
 
 __all__ = ["FitState"]
 
@@ -28,11 +28,12 @@ class FitState:
         shuffle_seed: the seed the current epoch's shuffle used (kept to resume mid-epoch).
         seed_generator: the RNG that draws each epoch's shuffle seed. Created from Keras' global
             seed (`keras.utils.set_random_seed`), if one is set; rank 0's state is broadcast.
-        resume_pending: `restore` loaded a checkpoint; the next `fit` continues from it.
         epoch_sums: this rank's sums of the step metrics of the epoch so far. Not broadcast nor
             checkpointed: the means of an epoch resumed mid-way are over the steps run since.
-        all_have_data: whether every rank held a batch for the next step, as the last step that
-            carried `has_data` agreed (data of unknown length). Scratch, like `epoch_sums`.
+
+    Whether the next `fit` continues from the position held here (a restored checkpoint, an
+    elastic commit) or starts at epoch 0 is one flag, set by `resume_here` and consumed by
+    `take_position`.
     """
 
     def __init__(self) -> None:
@@ -44,10 +45,24 @@ class FitState:
         self.epoch_step = counter("epoch_step")
         self.shuffle_seed = counter("shuffle_seed")
         self.seed_generator = keras.random.SeedGenerator(name="hvdclip_shuffle_seed_generator")
-        self.resume_pending = False
+        self._resume = False
         self.epoch_sums = StepSums()
-        # Whether every rank had a batch for the next step, agreed inside the last compiled step.
-        self.all_have_data = tf.Variable(True, trainable=False, name="hvdclip_all_have_data")
+
+    def resume_here(self, resume: bool = True) -> None:
+        """The next `fit` continues from the held position (True: after a restore or an elastic reset)."""
+        self._resume = bool(resume)
+
+    @property
+    def resuming(self) -> bool:
+        return self._resume
+
+    def take_position(self) -> tuple[int, int]:
+        """(epoch, step in it) where `fit` starts: the held position if resuming (once), else (0, 0)."""
+        if not self._resume:
+            self.epoch.assign(0)
+            self.epoch_step.assign(0)
+        self._resume = False
+        return int(self.epoch.numpy()), int(self.epoch_step.numpy())
 
     @property
     def variables(self) -> list[tf.Variable]:

@@ -69,7 +69,7 @@ def test_fit_from_different_initial_weights_broadcasts_once(world, monkeypatch):
     assert (after_optimizer == after_optimizer[0]).all()
     assert len(calls) == 1, f"expected exactly one broadcast for 18 steps, saw {len(calls)}"
     # The single broadcast carried everything together: model, optimizer and the counters fit checkpoints.
-    assert calls[0] == len(trainer.named_state_variables()) > len(model.variables) + len(optimizer.variables)
+    assert calls[0] == len(trainer.engine.named_state_variables()) > len(model.variables) + len(optimizer.variables)
     assert trainer.broadcast_count == 1
     assert len(history.history["loss"]) == 3
 
@@ -82,7 +82,7 @@ def test_the_compiled_step_allreduces_and_never_broadcasts(world):
     x, y = make_data(seed=rank, n=8)
     trainer.train_step(x, y)
     # train_step's compiled step, and fit's (the same step plus its counters and metric sums).
-    for step in (trainer._compiled["step"],):
+    for step in (trainer.engine._compiled,):
         graph_def = step.get_concrete_function(tf.constant(x), tf.constant(y)).graph.as_graph_def()
         # Horovod's allreduce sits in nested functions, so look through the function library too.
         op_types = {node.op for node in graph_def.node}

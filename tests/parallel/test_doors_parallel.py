@@ -61,8 +61,7 @@ def own_loop(x, y, rank, make_model, optimizer):
             loss = keras.losses.MeanSquaredError()(yb, model(xb, training=True))
         tape = hvdclip.DistributedGradientTape(tape, clipper)
         grads = tape.gradient(loss, model.trainable_variables)
-        tape.apply_gradients(zip(grads, model.trainable_variables))
-        return tape.metrics
+        return tape.apply_gradients(zip(grads, model.trainable_variables))
 
     active = 0
     for step in range(STEPS):

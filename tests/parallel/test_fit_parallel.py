@@ -99,9 +99,9 @@ def test_resuming_on_two_ranks_ends_with_the_uninterrupted_weights(world, shared
     seeds = [v.numpy() for v in consistency.seed_generator_states(reference.model)]
     resumed_seeds = [v.numpy() for v in consistency.seed_generator_states(resumed.model)]
     local = {id(v) for v in as_tf_variables(consistency.rank_local_variables(reference.model))}
-    shared = [v.numpy() for _, v in reference.named_state_variables() if id(v) not in local]
+    shared = [v.numpy() for _, v in reference.engine.named_state_variables() if id(v) not in local]
     local = {id(v) for v in as_tf_variables(consistency.rank_local_variables(resumed.model))}
-    resumed_shared = [v.numpy() for _, v in resumed.named_state_variables() if id(v) not in local]
+    resumed_shared = [v.numpy() for _, v in resumed.engine.named_state_variables() if id(v) not in local]
     sums = allgather(np.stack([checksum(shared), checksum(resumed_shared)]))
     facts = allgather(np.array([crashed, step, resumed.broadcast_count, checksum(seeds)[0] == checksum(resumed_seeds)[0]]))
     seed_rows = allgather(checksum(seeds))

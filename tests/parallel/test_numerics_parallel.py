@@ -41,7 +41,7 @@ def test_sparse_gradients_match_the_dense_reference(world, sparse_as_dense):
     model = make_embedding_model(seed=4)
     trainer = hvdclip.HvdClipTrainer(
         model, keras.optimizers.Adam(1e-2), keras.losses.MeanSquaredError(),
-        clip=hvdclip.clip_by_global_norm(MAX_NORM), sparse_as_dense=sparse_as_dense,
+        clip=hvdclip.clip_by_global_norm(MAX_NORM), reduction=hvdclip.Reduction(sparse_as_dense=sparse_as_dense),
     )
     norms = []
     for step in range(steps):
@@ -131,7 +131,7 @@ def test_fp16_compression_stays_close_to_full_precision_and_identical_across_ran
     for compression in (None, "fp16"):
         model = make_mlp(seed=12, name=f"c_{compression}")
         trainer = hvdclip.HvdClipTrainer(
-            model, keras.optimizers.SGD(0.02), keras.losses.MeanSquaredError(), clip=hvdclip.clip_by_global_norm(1.0), compression=compression
+            model, keras.optimizers.SGD(0.02), keras.losses.MeanSquaredError(), clip=hvdclip.clip_by_global_norm(1.0), reduction=hvdclip.Reduction(compression=compression)
         )
         for step in range(20):
             trainer.train_step(x[step * 8 : (step + 1) * 8], y[step * 8 : (step + 1) * 8])

@@ -138,7 +138,7 @@ def masks_after(start, seed=1):
 
 
 def start_trainer(model):
-    hvdclip.HvdClipTrainer(model, keras.optimizers.SGD(0.01), keras.losses.MeanSquaredError()).start()
+    hvdclip.HvdClipTrainer(model, keras.optimizers.SGD(0.01), keras.losses.MeanSquaredError()).engine.start()
 
 
 def start_clipper(model):

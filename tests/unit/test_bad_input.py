@@ -97,12 +97,11 @@ TRAINER = table(
     ("clip", "type", 1.0, TypeError, r"`clip` must be a GradientTransform .*, or None\. Received: clip=1\.0$"),
     ("clip", "range", BROKEN_TRANSFORM, TypeError, r"`clip` must be a GradientTransform .*Received: clip=GradientTransform\(init=1\.0"),
     ("skip_nonfinite", "type", "yes", TypeError, r"`skip_nonfinite` must be True or False\. Received: skip_nonfinite='yes'$"),
-    ("max_consecutive_skips", "type", 2.5, TypeError, r"`max_consecutive_skips` must be an integer >= 1\. Received: max_consecutive_skips=2\.5$"),
-    ("max_consecutive_skips", "range", 0, ValueError, r"`max_consecutive_skips` must be an integer >= 1\. Received: max_consecutive_skips=0$"),
-    ("sparse_as_dense", "type", 1, TypeError, r"`sparse_as_dense` must be True or False\. Received: sparse_as_dense=1$"),
-    # A choice among strings: anything else, a number included, is simply not one of them.
-    ("compression", "type", 16, ValueError, r"`compression` must be one of \['fp16', 'none'\] or None\. Received: compression=16$"),
-    ("compression", "range", "gzip", ValueError, r"`compression` must be one of .*Received: compression='gzip'$"),
+    ("abort_after_skips", "type", 2.5, TypeError, r"`abort_after_skips` must be an integer >= 1\. Received: abort_after_skips=2\.5$"),
+    ("abort_after_skips", "range", 0, ValueError, r"`abort_after_skips` must be an integer >= 1\. Received: abort_after_skips=0$"),
+    ("reduction", "type", "fp16", TypeError, r"`reduction` must be an hvdclip.Reduction, .*Received: reduction='fp16'$"),
+    ("reduction", "range", lambda: hvdclip.keras.DistributedOptimizer(keras.optimizers.SGD()), TypeError,
+     r"`reduction` must be an hvdclip.Reduction, .*Received: reduction=<"),
     ("accumulation_steps", "type", 2.0, TypeError, r"`accumulation_steps` must be an integer >= 1\. Received: accumulation_steps=2\.0$"),
     ("accumulation_steps", "range", 0, ValueError, r"`accumulation_steps` must be an integer >= 1\. Received: accumulation_steps=0$"),
     ("check_consistency_every", "type", "5", TypeError, r"`check_consistency_every` must be an integer >= 1\. Received: check_consistency_every='5'$"),
@@ -286,12 +285,6 @@ OTHERS = {
         ("learning_rate", "type", 0.1, TypeError, r"`learning_rate` must be one of \('scale', 'keep'\)\. Received: learning_rate=0\.1$"),
         ("learning_rate", "range", "linear", ValueError, r"`learning_rate` must be one of \('scale', 'keep'\)\. Received: learning_rate='linear'$"),
     )),
-    hvdclip.ProgressBar: ({}, table(
-        ("verbose", "type", True, TypeError, r"`verbose` must be an integer >= 1 and <= 2\. Received: verbose=True$"),
-        ("verbose", "range", 0, ValueError, r"`verbose` must be an integer >= 1 and <= 2\. Received: verbose=0$"),
-        ("interval", "type", "0.1", TypeError, r"`interval` must be a number >= 0\. Received: interval='0\.1'$"),
-        ("interval", "range", -1, ValueError, r"`interval` must be a number >= 0\. Received: interval=-1$"),
-    )),
     hvdclip.TensorBoard: ({"log_dir": "logs"}, table(
         ("log_dir", "type", None, TypeError, r"`log_dir` must be a path\. Received: log_dir=None$"),
         ("log_dir", "range", "", ValueError, r"`log_dir` must be a path, not empty\. Received: log_dir=''$"),
@@ -312,10 +305,11 @@ OTHERS = {
 # -------------------------------------------------------------------------------------- doors
 
 REDUCTION_ROWS = (
-    ("compression", "type", 3, ValueError, r"`compression` must be one of \['fp16', 'none'\] or None\. Received: compression=3$"),
-    ("compression", "range", "bf16", ValueError, r"`compression` must be one of .*Received: compression='bf16'$"),
+    # A choice among names and Horovod's constants: anything else, a number included, is not one of them.
+    ("compression", "type", 3, ValueError, r"`compression` must be 'none', 'fp16', None, hvd.Compression.none or hvd.Compression.fp16\. Received: compression=3$"),
+    ("compression", "range", "bf16", ValueError, r"`compression` must be .*Received: compression='bf16'$"),
     ("sparse_as_dense", "type", "no", TypeError, r"`sparse_as_dense` must be True or False\. Received: sparse_as_dense='no'$"),
-    ("op", "type", 3, ValueError, r"`op` must be one of \['adasum', 'average', 'sum'\]\. Received: op=3$"),
+    ("op", "type", 3, ValueError, r"`op` must be one of \['adasum', 'average', 'sum'\] or hvd.Average, hvd.Sum, hvd.Adasum\. Received: op=3$"),
     ("op", "range", "max", ValueError, r"`op` must be one of .*Received: op='max'$"),
     ("gradient_predivide_factor", "type", "2", TypeError,
      r"`gradient_predivide_factor` must be a number > 0\. Received: gradient_predivide_factor='2'$"),
@@ -323,6 +317,12 @@ REDUCTION_ROWS = (
      r"`gradient_predivide_factor` must be a number > 0\. Received: gradient_predivide_factor=0\.0$"),
     ("groups", "type", 1.5, TypeError, r"`groups` must be an integer >= 0\. Received: groups=1\.5$"),
     ("groups", "range", -1, ValueError, r"`groups` must be an integer >= 0\. Received: groups=-1$"),
+    ("process_set", "type", 0, TypeError, r"`process_set` must be a Horovod ProcessSet or None\. Received: process_set=0$"),
+    ("process_set", "range", "global", TypeError, r"`process_set` must be a Horovod ProcessSet or None\. Received: process_set='global'$"),
+    ("device_dense", "type", 0, TypeError, r"`device_dense` must be a device name such as '/gpu:0', or ''\. Received: device_dense=0$"),
+    ("device_dense", "range", None, TypeError, r"`device_dense` must be a device name .*Received: device_dense=None$"),
+    ("device_sparse", "type", 0, TypeError, r"`device_sparse` must be a device name such as '/gpu:0', or ''\. Received: device_sparse=0$"),
+    ("device_sparse", "range", None, TypeError, r"`device_sparse` must be a device name .*Received: device_sparse=None$"),
 )
 CLIPPER_ROWS = (
     ("optimizer", "type", object(), TypeError, r"`optimizer` must be a Keras 3 optimizer .*Received: optimizer=<object"),
@@ -331,7 +331,34 @@ CLIPPER_ROWS = (
     ("clip", "type", 1.0, TypeError, r"`clip` must be a GradientTransform .*, or None\. Received: clip=1\.0$"),
     ("clip", "range", BROKEN_TRANSFORM, TypeError, r"`clip` must be a GradientTransform .*Received: clip=GradientTransform\(init=1\.0"),
     ("skip_nonfinite", "type", "yes", TypeError, r"`skip_nonfinite` must be True or False\. Received: skip_nonfinite='yes'$"),
-) + REDUCTION_ROWS
+    ("reduction", "type", "fp16", TypeError, r"`reduction` must be an hvdclip.Reduction.*Received: reduction='fp16'$"),
+    ("reduction", "range", lambda: keras.optimizers.SGD(), TypeError, r"`reduction` must be an hvdclip.Reduction.*Received: reduction=<"),
+)
+ACCUMULATION_ROWS = (
+    ("accumulation_steps", "type", 2.0, TypeError, r"`accumulation_steps` must be an integer >= 1\. Received: accumulation_steps=2\.0$"),
+    ("accumulation_steps", "range", 0, ValueError, r"`accumulation_steps` must be an integer >= 1\. Received: accumulation_steps=0$"),
+    ("average_accumulated", "type", 1, TypeError, r"`average_accumulated` must be True or False\. Received: average_accumulated=1$"),
+)
+# Horovod's arguments of hvdclip.keras.DistributedOptimizer (its reduction's, under Horovod's names).
+HOROVOD_OPTIMIZER_ROWS = tuple(row for row in REDUCTION_ROWS if row[0] not in ("op", "groups", "process_set")) + (
+    ("op", "type", 3, ValueError, r"`op` must be one of .*Received: op=3$"),
+    ("op", "range", "adasum", ValueError, r"`op` must be hvd.Average or hvd.Sum, as for Horovod's DistributedOptimizer\. Received: op='adasum'$"),
+    ("groups", "type", 1.5, TypeError, r"`groups` must be an integer >= 0\. Received: groups=1\.5$"),
+    ("groups", "range", [3], TypeError, r"`groups` must be an int >= 0 or a list of non-empty lists of variables\. Received: groups=\[3\]$"),
+    ("num_groups", "type", "2", TypeError, r"`num_groups` must be an integer >= 0\. Received: num_groups='2'$"),
+    ("num_groups", "range", -1, ValueError, r"`num_groups` must be an integer >= 0\. Received: num_groups=-1$"),
+    ("process_set", "type", 0, TypeError, r"`process_set` must be a Horovod ProcessSet or None\. Received: process_set=0$"),
+    ("process_set", "range", "global", TypeError, r"`process_set` must be a Horovod ProcessSet or None\. Received: process_set='global'$"),
+    ("backward_passes_per_step", "type", 2.0, TypeError,
+     r"`backward_passes_per_step` must be an integer >= 1\. Received: backward_passes_per_step=2\.0$"),
+    ("backward_passes_per_step", "range", 0, ValueError,
+     r"`backward_passes_per_step` must be an integer >= 1\. Received: backward_passes_per_step=0$"),
+    ("average_aggregated_gradients", "type", "yes", TypeError,
+     r"`average_aggregated_gradients` must be True or False\. Received: average_aggregated_gradients='yes'$"),
+    ("scale_local_gradients", "type", 0, TypeError, r"`scale_local_gradients` must be True or False\. Received: scale_local_gradients=0$"),
+    ("name", "type", 3, TypeError, r"`name` must be a non-empty str or None\. Received: name=3$"),
+    ("name", "range", "", ValueError, r"`name` must be a non-empty str or None\. Received: name=''$"),
+)
 
 
 def unbuilt_model() -> keras.Model:
@@ -343,19 +370,29 @@ def uncompiled_model() -> keras.Model:
 
 
 DOORS = {
-    hvdclip.Clipper: ({"optimizer": keras.optimizers.SGD()}, table(*CLIPPER_ROWS)),
+    hvdclip.Clipper: ({"optimizer": keras.optimizers.SGD()}, table(*CLIPPER_ROWS, *ACCUMULATION_ROWS)),
+    hvdclip.Reduction: ({}, table(*REDUCTION_ROWS)),
     hvdclip.keras.DistributedOptimizer: ({"optimizer": keras.optimizers.SGD()}, table(
-        *CLIPPER_ROWS,
-        ("name", "type", 3, TypeError, r"`name` must be a non-empty str or None\. Received: name=3$"),
-        ("name", "range", "", ValueError, r"`name` must be a non-empty str or None\. Received: name=''$"),
+        *CLIPPER_ROWS, *HOROVOD_OPTIMIZER_ROWS,
+        ("reduction", "range", lambda: hvdclip.Reduction(), ValueError,  # And Horovod's arguments too: one or the other.
+         r"Pass the reduction either as `reduction=hvdclip.Reduction\(...\)` or as Horovod's arguments, not both\. Received: reduction=.* and sparse_as_dense$"),
     )),
     hvdclip.DistributedGradientTape: ({"tape": tf.GradientTape(), "clipper": hvdclip.Clipper(keras.optimizers.SGD())}, table(
         ("tape", "type", "tape", TypeError, r"`tape` must be a tf\.GradientTape\. Received: tape='tape'$"),
         ("clipper", "type", keras.optimizers.SGD(), TypeError, r"`clipper` must be an hvdclip\.Clipper made once outside the step.*Received: clipper=<"),
+        ("has_data", "type", True, TypeError, r"`has_data` must be a bool scalar tensor .*Received: has_data=True$"),
+        ("has_data", "range", lambda: tf.constant(1), TypeError, r"`has_data` must be a bool scalar tensor .*Received: has_data=<"),
+    )),
+    hvdclip.Lockstep: ({"batches": BATCHES, "clipper": hvdclip.Clipper(keras.optimizers.SGD())}, table(
+        ("batches", "type", 3, TypeError, r"`batches` must be an iterable of batches, e.g. a tf.data.Dataset\. Received: batches=3$"),
+        ("clipper", "type", "c", TypeError, r"`clipper` must be the hvdclip.Clipper that runs the steps\. Received: clipper='c'$"),
+        ("equal_lengths", "type", 1, TypeError, r"`equal_lengths` must be True or False\. Received: equal_lengths=1$"),
     )),
     hvdclip.keras.callbacks.BroadcastGlobalVariablesCallback: ({}, table(
         ("root_rank", "type", "0", TypeError, r"`root_rank` must be an integer >= 0\. Received: root_rank='0'$"),
         ("root_rank", "range", 1, ValueError, r"`root_rank` must be 0: hvdclip starts every rank from rank 0.*Received: root_rank=1$"),
+        ("device", "type", 0, TypeError, r"`device` must be a device name such as '/cpu:0', or ''\. Received: device=0$"),
+        ("device", "range", None, TypeError, r"`device` must be a device name .*Received: device=None$"),
     )),
     hvdclip.keras.broadcast_initial_state: ({"model": make_mlp(seed=1)}, table(
         ("model", "type", "m", TypeError, r"`model` must be a keras\.Model \(Keras 3\)\. Received: model='m'$"),
@@ -373,6 +410,8 @@ DOORS = {
 @pytest.mark.parametrize("surface, case", sweep(DOORS))
 def test_doors(surface, case):
     args = {**DOORS[surface][0], case.argument: bad_value(case)}
+    if surface is hvdclip.keras.DistributedOptimizer and case.fragment.startswith("Pass the reduction"):
+        args["sparse_as_dense"] = True
     if surface is hvdclip.Clipper.broadcast_initial_state:
         clipper = hvdclip.Clipper(keras.optimizers.SGD())
         assert_rejected(lambda: surface(clipper, **args), case)
@@ -612,12 +651,14 @@ NO_RANGE = {
     "callbacks": "a list of Callback objects",
     "tape": "any tf.GradientTape is usable",
     "clipper": "any Clipper is usable",
+    "batches": "any iterable of batches",
     "elastic": "an hvdclip.Elastic (checked by its own row), True, False or None",
 }
 
 SURFACES = {surface: params for surface, (_, params) in {**CONSTRUCTORS, **METHODS, **TRANSFORMS, **DOORS}.items()}
-# HvdClipTrainer methods that the fit loop calls with values it has already checked.
-LOOP_PLUMBING = {"run_step", "start", "start_on", "agreed_steps", "named_state_variables", "compute_loss"}
+# HvdClipTrainer methods that the fit loop calls with values it has already checked (none: the
+# loop drives `trainer.engine`).
+LOOP_PLUMBING: set[str] = set()
 KERAS_DOOR = [
     hvdclip.keras.DistributedOptimizer,
     hvdclip.keras.broadcast_initial_state,

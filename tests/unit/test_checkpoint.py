@@ -188,7 +188,7 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path):
         process.wait(timeout=60)
 
     named = [(f"v{i}", tf.Variable(tf.zeros([512, 1024]))) for i in range(4)]
-    prefix = checkpoint.read(named, directory)
+    prefix = checkpoint.read(named, directory).prefix
     value = int(prefix.rsplit("-", 1)[1])
     assert value in (completed, completed + 1), "the latest checkpoint must be one whose save completed"
     assert all(np.all(v.numpy() == value) for _, v in named), "a checkpoint mixed values from two saves"

@@ -210,7 +210,7 @@ def test_the_step_merges_each_sparse_gradient_once(clip):
         make_embedding_model(seed=0), keras.optimizers.Adam(1e-2), keras.losses.BinaryCrossentropy(), clip=clip
     )
     trainer.train_step(ids, clicks)
-    step = trainer._compiled["step"].get_concrete_function(tf.constant(ids), tf.constant(clicks))
+    step = trainer.engine._compiled.get_concrete_function(tf.constant(ids), tf.constant(clicks))
     assert op_count(step, "Unique") == 1
 
 

@@ -40,8 +40,7 @@ def own_loop_weights(optimizer, clip):
             scaled = clipper.scale_loss(loss)
         tape = hvdclip.DistributedGradientTape(tape, clipper)
         grads = tape.gradient(scaled, model.trainable_variables)
-        tape.apply_gradients(zip(grads, model.trainable_variables))
-        return tape.metrics
+        return tape.apply_gradients(zip(grads, model.trainable_variables))
 
     metrics = [train_step(X[s : s + BATCH], Y[s : s + BATCH]) for s in range(0, len(X), BATCH)]
     return checksum(model.variables).tolist(), metrics
@@ -77,25 +76,39 @@ def test_the_three_doors_give_the_same_weights(clip):
 
 
 def test_mixed_precision_unscales_before_the_clip_in_every_door():
+    """Keras' defaults (auto_scale_loss left alone) with the documented LossScaleOptimizer, and with a
+    plain optimizer that the door wraps itself, give the trainer's weights bit for bit."""
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        def lso():
-            return keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05), initial_scale=2.0**10)
+        def lso(initial_scale=2.0**10):
+            return keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05), initial_scale=initial_scale)
 
         clip = hvdclip.clip_by_global_norm(0.5)
         expected = trainer_weights(lso(), clip)
         own, metrics = own_loop_weights(lso(), clip)
-        fitted, _ = fit_weights(lso(), clip, auto_scale_loss=False)
-        model = make_mlp(seed=2)
-        model.compile(optimizer=hvdclip.keras.DistributedOptimizer(keras.optimizers.SGD()), loss="mse", jit_compile=False)
-        with pytest.raises(ValueError, match=r"Compile with auto_scale_loss=False .*Received: model.optimizer="):
-            model.fit(X, Y, verbose=0, callbacks=[hvdclip.keras.callbacks.BroadcastGlobalVariablesCallback(0)])
+        fitted, _ = fit_weights(lso(), clip)
+        plain = trainer_weights(lso(initial_scale=2.0**15), clip)  # Keras' default scale, as the door's own wrapper.
+        fitted_plain, _ = fit_weights(keras.optimizers.SGD(0.05), clip)
+        assert hvdclip.keras.DistributedOptimizer(keras.optimizers.SGD()).loss_scaling
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert own == expected and fitted == expected
+    assert fitted_plain == plain
     # The norm the clip saw is the true (unscaled) one: clipped to 0.5, not to 0.5 * 2**10.
     assert all(float(m["clipped_grad_norm"]) <= 0.5 * (1 + 1e-3) for m in metrics)
     assert any(bool(m["clip_active"]) for m in metrics)
+
+
+def test_the_fit_door_refuses_a_float16_model_whose_optimizer_scales_no_loss():
+    optimizer = hvdclip.keras.DistributedOptimizer(keras.optimizers.SGD())  # Made under float32.
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = make_mlp(seed=2)
+        model.compile(optimizer=optimizer, loss="mse")
+        with pytest.raises(ValueError, match=r"computes in float16 .* make the DistributedOptimizer after .*Received:"):
+            model.fit(X, Y, verbose=0, callbacks=[hvdclip.keras.callbacks.BroadcastGlobalVariablesCallback(0)])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
 
 def test_keras_features_pass_through_the_fit_door_untouched():
@@ -161,11 +174,29 @@ def test_the_fit_door_refuses_to_train_before_the_broadcast():
     assert model.optimizer.clipper.broadcast_count == 1
 
 
-def test_the_fit_door_refuses_xla():
+def test_an_explicit_jit_compile_true_is_refused_before_any_step():
     model = make_mlp(seed=2)
     model.compile(optimizer=hvdclip.keras.DistributedOptimizer(keras.optimizers.SGD()), loss="mse", jit_compile=True)
-    with pytest.raises(ValueError, match=r"compile with jit_compile=False.*Received: jit_compile=True"):
+    before = checksum(model.variables).tolist()
+    with pytest.raises(ValueError, match=r"Compile with jit_compile=False .*Received: jit_compile=True"):
         model.fit(X, Y, batch_size=BATCH, verbose=0, callbacks=[hvdclip.keras.callbacks.BroadcastGlobalVariablesCallback(0)])
+    assert checksum(model.variables).tolist() == before
+
+
+def test_the_own_loop_door_under_xla_says_to_drop_jit_compile():
+    model = make_mlp(seed=2)
+    clipper = hvdclip.Clipper(keras.optimizers.SGD())
+    clipper.broadcast_initial_state(model)
+
+    @tf.function(jit_compile=True)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(x, training=True) - y))
+        tape = hvdclip.DistributedGradientTape(tape, clipper)
+        return tape.gradient(loss, model.trainable_variables)
+
+    with pytest.raises(HvdClipError, match=r"inside tf.function\(jit_compile=True\).*plain @tf.function"):
+        step(X[:4], Y[:4])
 
 
 def test_the_wrapper_delegates_learning_rate_and_iterations_and_saves_its_state(tmp_path):
@@ -208,8 +239,8 @@ def test_a_nan_step_is_skipped_by_the_own_loop_door():
         loss = tf.reduce_mean(tf.square(model(x, training=True) - Y[:8]))
     tape = hvdclip.DistributedGradientTape(tape, clipper)
     grads = tape.gradient(loss, model.trainable_variables)
-    skipped = tape.apply_gradients(zip(grads, model.trainable_variables))
-    assert bool(skipped) and checksum(model.variables).tolist() == before
+    report = tape.apply_gradients(zip(grads, model.trainable_variables))
+    assert bool(report["skipped"]) and checksum(model.variables).tolist() == before
     assert int(clipper.skipped_steps.numpy()) == 1
 
 

@@ -85,7 +85,7 @@ def test_outside_an_elastic_launch_fit_warns_and_trains_as_usual(uninterrupted):
     job = trainer()
     with pytest.warns(UserWarning, match=r"not launched elastically.*hvdclip-run --elastic"):
         fit(job, commit_every=5)
-    assert job.elastic_state is None
+    assert job.engine.elastic_state is None
     assert all(np.array_equal(a, b) for a, b in zip(weights(job), uninterrupted[0]))
 
 
@@ -93,8 +93,8 @@ def test_commits_every_n_steps_and_at_epoch_ends_without_changing_the_result(ela
     job = trainer()
     history = fit(job, commit_every=5)
     # Steps 5, 10, 15, 20, 25, 30, 35 and the ends of epochs 0 and 1 (12, 24); not after the last epoch.
-    assert job.elastic_state.commits == 9
-    assert job.elastic_state.resets == 0 and job.broadcast_count == 1
+    assert job.engine.elastic_state.commits == 9
+    assert job.engine.elastic_state.resets == 0 and job.broadcast_count == 1
     assert all(np.array_equal(a, b) for a, b in zip(weights(job), uninterrupted[0]))
     assert history.history["loss"] == uninterrupted[1]
 
@@ -104,7 +104,7 @@ def test_commits_every_n_steps_and_at_epoch_ends_without_changing_the_result(ela
 def test_a_failed_collective_restores_the_last_commit_and_redoes_the_steps_exactly(elastic_launch, uninterrupted, fail_after):
     job, record = trainer(), Record()
     history = fit(job, [record, FailOnce(fail_after)], commit_every=5)
-    state = job.elastic_state
+    state = job.engine.elastic_state
     committed = max(s for s in (5, 10, 12) if s < fail_after)  # A step commits after its callbacks ran.
     assert [entry[:4] for entry in state.reset_log] == [("a rank failed", 1, 1, committed)]
     # The steps after the commit ran twice; everything else once, and the result is the uninterrupted run's.
@@ -121,10 +121,10 @@ def test_a_discovery_change_resets_at_the_next_commit_without_losing_a_step(elas
     class HostAdded(hvdclip.Callback):
         def on_step_end(self, step, logs):
             if step == 7:  # what Horovod's driver sends a worker when discovery lists a new host
-                job.elastic_state.on_hosts_updated(1.0, HostUpdateResult.added)
+                job.engine.elastic_state.on_hosts_updated(1.0, HostUpdateResult.added)
 
     fit(job, [record, HostAdded()], commit_every=5)
-    assert [entry[:4] for entry in job.elastic_state.reset_log] == [("the hosts changed", 1, 1, 10)]
+    assert [entry[:4] for entry in job.engine.elastic_state.reset_log] == [("the hosts changed", 1, 1, 10)]
     assert record.steps == list(range(1, 12 * EPOCHS + 1))  # the commit at step 10 kept everything
     assert all(np.array_equal(a, b) for a, b in zip(weights(job), uninterrupted[0]))
 
@@ -132,18 +132,18 @@ def test_a_discovery_change_resets_at_the_next_commit_without_losing_a_step(elas
 def test_restore_puts_back_every_variable_and_forgets_epochs_finished_after_the_commit():
     job = trainer()
     x, _ = make_data(seed=8, n=BATCH)
-    job.start(x)
+    job.engine.start(x)
     history = hvdclip.History({"loss": [1.0]}, [0])
-    state = ElasticState(job, hvdclip.Elastic(), history, x)
+    state = ElasticState(job.engine, hvdclip.Elastic(), history, x)
     state.save()
-    before = [v.numpy().copy() for _, v in job.named_state_variables()]
-    for _, variable in job.named_state_variables():
+    before = [v.numpy().copy() for _, v in job.engine.named_state_variables()]
+    for _, variable in job.engine.named_state_variables():
         variable.assign(tf.ones_like(variable) if variable.dtype.is_floating else variable + 1)
     history.history["loss"].append(2.0)
     history.history["val_loss"] = [3.0]
     history.epochs.append(1)
     state.restore()
-    after = [v.numpy() for _, v in job.named_state_variables()]
+    after = [v.numpy() for _, v in job.engine.named_state_variables()]
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
     assert history.history == {"loss": [1.0]} and history.epochs == [0]
 
@@ -178,7 +178,7 @@ def test_restore_in_an_elastic_job_is_read_at_the_first_sync_and_resumes_exactly
     trainer().fit(dataset(), epochs=EPOCHS, batch_size=BATCH, shuffle_buffer=32, callbacks=[saver], verbose=0)
     job = trainer()
     # No collective here (a joining rank would meet the others' sync): the read waits for fit's first sync.
-    assert job.restore(str(tmp_path / "ckpts" / "ckpt-15")) == 0 and job.deferred_restore is not None
+    assert job.restore(str(tmp_path / "ckpts" / "ckpt-15")) == 0 and job.engine.deferred_restore is not None
     record = Record()
     fit(job, [record], commit_every=5)
     assert record.steps == list(range(16, 12 * EPOCHS + 1))
@@ -206,7 +206,7 @@ def test_a_failure_that_comes_back_without_a_commit_ends_the_job_after_three_res
     job = trainer()
     with pytest.raises(hvdclip.ElasticResetError, match=r"after 3 elastic resets .*the same failure every time"):
         fit(job, [AlwaysFail()], commit_every=5)
-    assert [entry[3] for entry in job.elastic_state.reset_log] == [5, 5, 5]
+    assert [entry[3] for entry in job.engine.elastic_state.reset_log] == [5, 5, 5]
 
 
 def test_a_discovery_change_that_only_removes_hosts_still_syncs(elastic_launch, uninterrupted):
@@ -215,10 +215,10 @@ def test_a_discovery_change_that_only_removes_hosts_still_syncs(elastic_launch, 
     class HostRemoved(hvdclip.Callback):
         def on_step_end(self, step, logs):
             if step == 7:  # Horovod skips the sync for a removal; hvdclip must not (the learning-rate rule runs there)
-                job.elastic_state.on_hosts_updated(1.0, HostUpdateResult.removed)
+                job.engine.elastic_state.on_hosts_updated(1.0, HostUpdateResult.removed)
 
     fit(job, [HostRemoved()], commit_every=5)
-    assert [entry[:4] for entry in job.elastic_state.reset_log] == [("the hosts changed", 1, 1, 10)]
+    assert [entry[:4] for entry in job.engine.elastic_state.reset_log] == [("the hosts changed", 1, 1, 10)]
     assert job.broadcast_count == 2
     assert all(np.array_equal(a, b) for a, b in zip(weights(job), uninterrupted[0]))
 
@@ -230,7 +230,7 @@ def test_with_gradient_accumulation_a_due_commit_waits_for_the_end_of_the_window
     )  # fmt: skip
     fit(job, commit_every=3)
     # Due at 3, 6, ..., 33 and at the ends of epochs 0 and 1 (steps 12, 24); taken at the next even step.
-    assert job.elastic_state.commits == len([4, 6, 10, 12, 16, 18, 22, 24, 28, 30, 34])
+    assert job.engine.elastic_state.commits == len([4, 6, 10, 12, 16, 18, 22, 24, 28, 30, 34])
 
 
 def test_a_checkpoint_that_cannot_be_restored_raises_on_every_rank_at_the_first_sync(elastic_launch, tmp_path):
@@ -246,5 +246,5 @@ def test_restore_in_an_elastic_launch_still_applies_when_training_starts_outside
     job = trainer()
     job.restore(str(tmp_path / "ckpts" / "ckpt-10"))
     x, _ = make_data(seed=8, n=BATCH)
-    job.start(x)
-    assert int(job.global_step.numpy()) == 10 and job.deferred_restore is None
+    job.engine.start(x)
+    assert int(job.global_step.numpy()) == 10 and job.engine.deferred_restore is None

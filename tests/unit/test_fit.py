@@ -8,7 +8,10 @@ import pytest
 import tensorflow as tf
 
 import hvdclip
-from hvdclip.trainer.data import EpochLength, InputPlan
+from hvdclip.core.lockstep import EpochLength
+from hvdclip.core.step_sums import StepSums
+from hvdclip.trainer.callbacks import ProgressBar
+from hvdclip.trainer.data import InputPlan
 from support import make_data, make_mlp
 # Op callbacks see every op TensorFlow runs eagerly (and builds in a graph); tfdbg uses them too.
 from tensorflow.python.framework import op_callbacks
@@ -181,7 +184,8 @@ def test_keras_callbacks_see_the_trainers_model_logs_and_learning_rate(tmp_path)
     ]
     trainer = trainer_for()
     history = trainer.fit(id_dataset(16), epochs=2, batch_size=8, callbacks=callbacks, verbose=0)
-    assert seen == [(0, ["clip_active", "clipped_grad_norm", "grad_norm", "loss", "samples", "skipped"]), (1, seen[0][1])] * 2
+    step_logs = ["all_have_data", "clip_active", "clipped_grad_norm", "grad_norm", "loss", "samples", "skipped", "synced"]
+    assert seen == [(0, step_logs), (1, step_logs)] * 2
     assert float(trainer.optimizer.learning_rate.numpy()) == pytest.approx(0.05 / 2)  # Scheduled 0.05, then halved.
     rows = (tmp_path / "log.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,") and "grad_norm" in rows[0] and len(rows) == 3
@@ -216,7 +220,8 @@ def test_training_metrics_sample_weights_and_class_weights():
 @pytest.mark.parametrize(
     "make, error, pattern",
     [
-        (lambda: hvdclip.ProgressBar(verbose=3), ValueError, r"`verbose` must be an integer >= 1 and <= 2. Received: verbose=3"),
+        (lambda: ProgressBar(verbose=3, sums=StepSums()), ValueError, r"`verbose` must be an integer >= 1 and <= 2. Received: verbose=3"),
+        (lambda: ProgressBar(verbose=1, sums=StepSums(), interval=-1), ValueError, r"`interval` must be a number >= 0\. Received: interval=-1"),
         (lambda: hvdclip.TensorBoard(None), TypeError, r"`log_dir` must be a path. Received: log_dir=None"),
         (lambda: hvdclip.TensorBoard("x", every_n_steps=0), ValueError, r"`every_n_steps` must be an integer >= 1"),
     ],
@@ -251,7 +256,7 @@ def test_verbose_2_prints_one_line_per_epoch_and_0_nothing(capsys):
 
 
 def counters(trainer):
-    state = trainer.fit_state
+    state = trainer.engine.fit_state
     return [int(v.numpy()) for v in (state.global_step, state.epoch, state.epoch_step)]
 
 
@@ -272,16 +277,18 @@ def test_history_and_counters_equal_a_reference_built_from_train_step(accumulati
     expected = {}
     for epoch in range(2):
         reports = [stepped.train_step(x[i : i + 8], y[i : i + 8]) for i in range(0, 48, 8)]
-        for name in sorted({name for report in reports for name in report}):
-            values = [float(report[name]) for report in reports if name in report]
-            expected.setdefault(name, []).append(sum(values) / len(values))
+        applied = [r for r in reports if r["synced"] and not r["skipped"]]  # No micro-step's (NaN) norms.
+        for name, over in [("loss", reports), ("skipped", [r for r in reports if r["synced"]])] + [
+            (name, applied) for name in ("grad_norm", "clipped_grad_norm", "clip_active")
+        ]:
+            expected.setdefault(name, []).append(sum(float(r[name]) for r in over) / len(over))
 
     assert history.history == expected, "History must be the float64 means of the steps' metrics, exactly"
     assert 0 < sum(expected["clip_active"]) < 2, "the test should see steps that clip and steps that do not"
     assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(fitted.model.variables, stepped.model.variables))
     assert counters(fitted) == [12, 2, 0]
     assert counters(stepped)[0] == 12, "train_step runs the same compiled step as fit, so it counts its steps too"
-    labels = [label for label, _ in fitted.named_state_variables()]
+    labels = [label for label, _ in fitted.engine.named_state_variables()]
     assert not any("step_sums" in label for label in labels), "epoch sums are per-rank scratch: not broadcast, not checkpointed"
 
 
@@ -310,11 +317,11 @@ def test_a_resumed_run_counts_on_and_averages_the_steps_it_ran(tmp_path):
 
 
 def test_the_live_progress_bar_shows_the_running_means_of_the_epoch_so_far(capsys):
-    class Shown(hvdclip.ProgressBar):
+    class Shown(ProgressBar):
         """Keeps the means that each redraw during an epoch shows (not the epoch's last line)."""
 
-        def __init__(self):
-            super().__init__(verbose=1, interval=0)  # Redraw after every step.
+        def __init__(self, sums):
+            super().__init__(verbose=1, sums=sums, interval=0)  # Redraw after every step.
             self.shown, self.in_step = [], False
 
         def on_step_end(self, step, logs):
@@ -327,11 +334,13 @@ def test_the_live_progress_bar_shows_the_running_means_of_the_epoch_so_far(capsy
                 self.shown.append(dict(means))
             return super()._values(means)
 
-    bar, log = Shown(), StepLog()
-    trainer_for().fit(id_dataset(24), epochs=2, batch_size=8, callbacks=[log, bar], verbose=0)
+    trainer = trainer_for()
+    bar, log = Shown(trainer.engine.fit_state.epoch_sums), StepLog()
+    trainer.fit(id_dataset(24), epochs=2, batch_size=8, callbacks=[log, bar], verbose=0)
 
     def running_mean(steps):
-        return {name: sum(log.steps[step][name] for step in steps) / len(steps) for name in log.steps[steps[0]]}
+        averaged = [name for name in log.steps[steps[0]] if name not in ("synced", "all_have_data")]  # Facts, not means.
+        return {name: sum(log.steps[step][name] for step in steps) / len(steps) for name in averaged}
 
     assert bar.shown == [running_mean(steps) for steps in ([1], [1, 2], [1, 2, 3], [4], [4, 5], [4, 5, 6])]
     assert "Epoch 2/2" in capsys.readouterr().out
@@ -364,7 +373,7 @@ def test_fit_runs_no_eager_op_per_step_but_the_next_batch_and_the_compiled_step(
         between = [chunk.split() for epoch in text.split("<epoch>")[1:] for chunk in epoch.split("<step>")[1:-1]]
         assert len(between) == 2 * 5, text
         for ops in between:  # The next batch is fetched before the step; before an epoch's last step, none is.
-            assert ops[:-1] in ([], ["IteratorGetNext"]) and ops[-1].startswith("__inference_recorded_"), ops
+            assert ops[:-1] in ([], ["IteratorGetNext"]) and ops[-1].startswith("__inference__recorded_step"), ops
 
 
 # ---------------------------------------------------------------- bad input

@@ -28,8 +28,8 @@ def test_writes_window_means_every_n_steps_and_epoch_logs(tmp_path):
         make_mlp(seed=1), keras.optimizers.SGD(0.01), keras.losses.MeanSquaredError(), clip=hvdclip.clip_by_global_norm(1.0)
     )
     losses = []
-    run_step = trainer.run_step
-    trainer.run_step = lambda x, y, **kwargs: losses.append(float((metrics := run_step(x, y, **kwargs))["loss"])) or metrics
+    run_step = trainer.engine.run_step
+    trainer.engine.run_step = lambda x, y, **kwargs: losses.append(float((metrics := run_step(x, y, **kwargs))["loss"])) or metrics
 
     data = id_dataset(48)
     trainer.fit(data, epochs=2, batch_size=8, validation_data=data, callbacks=[hvdclip.TensorBoard(tmp_path, every_n_steps=4)], verbose=0)

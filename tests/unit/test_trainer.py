@@ -121,7 +121,7 @@ def test_a_nan_gradient_skips_the_step_and_changes_nothing():
 def test_consecutive_skips_abort_with_a_clear_error():
     x, y = make_data(seed=0, n=8)
     x[0, 0] = np.inf
-    trainer = trainer_for(max_consecutive_skips=2)
+    trainer = trainer_for(abort_after_skips=2)
     trainer.train_step(x, y)
     with pytest.raises(hvdclip.NonFiniteGradientError, match=r"NaN/Inf on 2 consecutive steps"):
         trainer.train_step(x, y)

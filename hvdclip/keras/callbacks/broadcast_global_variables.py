@@ -1,9 +1,11 @@
-"""`BroadcastGlobalVariablesCallback`: one broadcast of rank 0's state when `fit` starts."""
+"""`BroadcastGlobalVariablesCallback`: one broadcast of rank 0's state when `fit` starts, and every rank's
+epochs kept in step."""
 
 from __future__ import annotations
 
 import keras
 
+from hvdclip.keras import train_function
 from hvdclip.keras.broadcast import broadcast_initial_state
 from hvdclip.validation import check_int
 
@@ -14,15 +16,19 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
     """Sends rank 0's weights, optimizer slots and clip state to every rank before the first step.
 
     Horovod's callback of the same name broadcasts after the first batch, once the optimizer has
-    made its slots; Keras 3 builds the optimizer before `on_train_begin`, so this one broadcasts
-    there, before any step, and never again (a second `fit` on the same model sends nothing).
+    made its slots; Keras 3 builds the model (from fit's first batch, if it has no `Input`) and the
+    optimizer before `on_train_begin`, so this one broadcasts there, before any step, and never
+    again (a second `fit` on the same model sends nothing). With hvdclip's `DistributedOptimizer`
+    it also keeps the ranks' epochs in step: at each epoch's start the ranks agree on its length
+    from each one's number of batches (`hvdclip.keras.train_function`).
 
     Args:
         root_rank: the rank whose state every rank starts from; hvdclip supports 0 only (the
             rank that also writes checkpoints and logs).
+        device: accepted for Horovod's signature; the broadcast runs where Horovod places it.
     """
 
-    def __init__(self, root_rank: int = 0) -> None:
+    def __init__(self, root_rank: int = 0, device: str = "") -> None:
         super().__init__()
         check_int("root_rank", root_rank, ge=0)
         if root_rank != 0:
@@ -30,15 +36,15 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
                 "`root_rank` must be 0: hvdclip starts every rank from rank 0, the rank that also writes "
                 f"checkpoints and logs. Received: root_rank={root_rank!r}"
             )
+        if not isinstance(device, str):
+            raise TypeError(f"`device` must be a device name such as '/cpu:0', or ''. Received: device={device!r}")
         self.root_rank = root_rank
-
-    def set_model(self, model):
-        if getattr(model, "jit_compile", False):
-            raise ValueError(
-                "`model` is compiled with jit_compile=True (XLA), but Horovod's collectives have no XLA "
-                "kernels: compile with jit_compile=False. Received: jit_compile=True"
-            )
-        super().set_model(model)
+        self.device = device
 
     def on_train_begin(self, logs=None):
         broadcast_initial_state(self.model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        function = self.model.train_function
+        if isinstance(function, train_function.TrainFunction):
+            function.begin_epoch(self.params.get("steps"))

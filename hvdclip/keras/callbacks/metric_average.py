@@ -21,10 +21,10 @@ class MetricAverageCallback(keras.callbacks.Callback):
     its mean over ranks (one allreduce per epoch), so every rank logs, and later callbacks
     (`ReduceLROnPlateau`, `EarlyStopping`, `ModelCheckpoint`) decide on, the same numbers. Put it
     before those callbacks in the list. With `hvdclip.keras.DistributedOptimizer` it also logs
-    the epoch's mean reduced-gradient norm before and after clipping, the fraction of steps that
-    clipped, and the steps skipped for NaN/Inf (computed after the reduction: the same on every
-    rank). A mean over ranks of per-rank means is the exact mean over examples only when every
-    rank saw as many examples.
+    the epoch's mean reduced-gradient norm before and after clipping, the fraction of optimizer
+    steps that clipped, and the steps skipped for NaN/Inf (computed after the reduction: the same
+    on every rank). A mean over ranks of per-rank means is the exact mean over examples only when
+    every rank saw as many examples, which hvdclip's train function sees to for the steps.
     """
 
     def on_epoch_begin(self, epoch, logs=None):

@@ -93,7 +93,7 @@ class Grow(hvdclip.Callback):
 
 
 def finish(out, job, extra):
-    state = job.elastic_state
+    state = job.engine.elastic_state
     record = {
         "host": socket.gethostname(), "size": hvdclip.size(), "rank": hvdclip.rank(),
         "checksum": checksum(job.model.trainable_variables).tolist(), "broadcasts": job.broadcast_count,
@@ -124,7 +124,7 @@ def phase(out, checkpoints, restore=None, old_size=None):
     if restore is not None:
         job.restore(restore)
         x, _ = make_data(seed=21, n=BATCH)
-        job.start(x)  # The one broadcast, then the reset's learning-rate rule on every rank.
+        job.engine.start(x)  # The one broadcast, then the reset's learning-rate rule on every rank.
         if int(old_size) != hvdclip.size():
             rescale_learning_rate(job.optimizer, int(old_size), hvdclip.size())
     saver = hvdclip.CheckpointSaver(checkpoints, every_n_steps=COMMIT_EVERY, max_to_keep=1000)

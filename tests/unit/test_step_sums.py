@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hvdclip.trainer.step_logs import StepSums
+from hvdclip.core.step_sums import StepSums
 
 
 def compiled_add(sums):

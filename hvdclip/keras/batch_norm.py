@@ -13,12 +13,14 @@ replaced, weights kept.
 from __future__ import annotations
 
 import keras
-from keras.src.models.functional import Functional  # Not public; clone_model dispatches on it too.
 
+from hvdclip import foreign
 from hvdclip.distributed import runtime
 from hvdclip.distributed.batch_statistics import global_moments
 
 __all__ = ["SyncBatchNormalization", "sync_batch_norm"]
+
+foreign.require_batch_norm_moments_hook()  # The Keras hook `_moments` overrides below.
 
 
 @keras.saving.register_keras_serializable(package="hvdclip")
@@ -78,7 +80,7 @@ def _replace(layer: keras.layers.Layer) -> keras.layers.Layer:
 
 def _layers_within(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
     # Keras keeps no public list of a layer's sublayers at every depth.
-    return list(layer._flatten_layers(include_self=False, recursive=True))
+    return foreign.flatten_layers(layer, include_self=False)
 
 
 def sync_batch_norm(model: keras.Model) -> keras.Model:
@@ -106,7 +108,7 @@ def sync_batch_norm(model: keras.Model) -> keras.Model:
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"`model` must be a keras.Model (Keras 3). Received: model={model!r}")
-    if not isinstance(model, (keras.Sequential, Functional)):
+    if not isinstance(model, (keras.Sequential, foreign.functional_model_class())):
         raise ValueError(
             f"`model` is a subclassed keras.Model ({type(model).__name__}), whose layers sync_batch_norm "
             "cannot rebuild. Create its layers with hvdclip.SyncBatchNormalization in place of "

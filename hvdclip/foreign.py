@@ -1,0 +1,266 @@
+"""Every private name of TensorFlow, Keras and Horovod that hvdclip uses, in one place.
+
+hvdclip reuses what its dependencies already do right instead of copying it, and a few of those
+pieces are not public API. Each is reached through a function here, so a release that moves one
+breaks in this module, at import, with a message saying what to do, not deep inside a traced step.
+Importing this module loads nothing heavy (the launcher imports it on head nodes without
+TensorFlow); each function imports what it needs.
+
+| private name | owner | why hvdclip uses it |
+|---|---|---|
+| `horovod.tensorflow._make_allreduce_grads_fn` | Horovod | the reduction `hvd.DistributedGradientTape` and `hvd.DistributedOptimizer` are built on, reused as is |
+| `Optimizer._learning_rate` | Keras | the schedule or variable behind `learning_rate` (the public property returns its current value) |
+| `Layer._flatten_layers` | Keras | every nested layer, as Keras itself walks them (BatchNorm statistics, seed generators) |
+| `keras.src.models.functional.Functional` | Keras | `clone_model` dispatches on it (SyncBatchNormalization's conversion) |
+| `BatchNormalization._moments` | Keras | the hook SyncBatchNormalization overrides to average batch moments over ranks |
+| `_AutoShardDataset` | TensorFlow | tf.distribute's by-file sharding rewrite, for `shard="files"` |
+| `DatasetV2._as_serialized_graph` | TensorFlow | whether a dataset reads files (its graph's reader ops) |
+| `control_flow_util.GraphOrParentsInXlaContext` | TensorFlow | whether a step is being traced for XLA (`tf.function(jit_compile=True)`) |
+| `keras.src.trainers.trainer.Trainer.compile` (wrapped) | Keras | the `jit_compile` a model was compiled with *before* Keras resolved "auto" |
+| `horovod.runner.launch.{mpi_built,gloo_built}`, `horovod.runner.util.remote.SSH_COMMAND_PREFIX` | Horovod | horovodrun's slow build checks answered from a cache, and ssh options for every ssh it runs |
+| `_distutils_hack` (setuptools) | setuptools | horovodrun's `distutils` import served by the standard library (Python <= 3.11) |
+
+`check_versions()` runs at import: hvdclip was written for the versions in `WRITTEN_FOR`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+from typing import Any
+
+from hvdclip.errors import HvdClipError
+
+__all__ = [
+    "WRITTEN_FOR",
+    "ForeignVersionError",
+    "check_versions",
+    "installed_version",
+    "make_allreduce_grads_fn",
+    "learning_rate_object",
+    "flatten_layers",
+    "functional_model_class",
+    "auto_shard_by_file",
+    "serialized_dataset_graph",
+    "require_batch_norm_moments_hook",
+    "in_xla_context",
+    "record_compile_arguments",
+    "requested_jit_compile",
+    "answer_horovodrun_build_checks",
+    "add_horovodrun_ssh_options",
+    "skip_setuptools_distutils",
+]
+
+# Package -> (distributions that provide it, the release series hvdclip was written for). A series
+# "X.Y" admits X.Y.*; Horovod's is exact (0.28.1 is its last release, and hvdclip patches its build).
+WRITTEN_FOR = {
+    "horovod": (("horovod",), "0.28.1"),
+    "tensorflow": (("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tensorflow-intel"), "2.21"),
+    "keras": (("keras",), "3"),
+}
+_FIX = (
+    "Install the versions in versions.env (`make install` in the hvdclip repository builds Horovod "
+    "0.28.1 against TensorFlow 2.21), or, after checking {module} still has {names}, set "
+    "HVDCLIP_FOREIGN_VERSIONS=any to skip this check."
+)
+
+
+class ForeignVersionError(HvdClipError, ImportError):
+    """An installed TensorFlow, Keras or Horovod is not the release hvdclip's private uses were written for."""
+
+
+def installed_version(package: str) -> str | None:
+    """The installed version of `package` ("horovod", "tensorflow" or "keras"); None if absent."""
+    for distribution in WRITTEN_FOR[package][0]:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _fits(version: str, series: str) -> bool:
+    parts, wanted = version.split("+")[0].split("."), series.split(".")
+    return parts[: len(wanted)] == wanted
+
+
+def check_versions(environ: dict | None = None) -> None:
+    """Raises `ForeignVersionError` if an installed Horovod, TensorFlow or Keras is not the one written for.
+
+    A package that is not installed passes (the launcher runs on head nodes without TensorFlow).
+    """
+    import os
+
+    environ = os.environ if environ is None else environ
+    if environ.get("HVDCLIP_FOREIGN_VERSIONS") == "any":
+        return
+    for package, (_, series) in WRITTEN_FOR.items():
+        version = installed_version(package)
+        if version is not None and not _fits(version, series):
+            raise ForeignVersionError(
+                f"hvdclip uses private parts of {package} {series}{'.*' if package != 'horovod' else ''}, "
+                f"but {package} {version} is installed. "
+                + _FIX.format(module=package, names="the names listed in hvdclip/foreign.py")
+            )
+
+
+def _require(owner: Any, name: str, where: str) -> Any:
+    value = getattr(owner, name, None)
+    if value is None:
+        raise ForeignVersionError(
+            f"{where}.{name} is gone: this {where.split('.')[0]} is not the release hvdclip was written for. "
+            + _FIX.format(module=where, names=name)
+        )
+    return value
+
+
+# ---------------------------------------------------------------------------------------- Horovod
+
+
+def make_allreduce_grads_fn(device_dense: str, device_sparse: str, compression: Any, sparse_as_dense: bool, op: Any,
+                            gradient_predivide_factor: float, groups: Any, process_set: Any):  # fmt: skip
+    """The function `hvd.DistributedGradientTape(tape, **options)` builds to reduce its gradients.
+
+    Called as `fn(grads, variables, use_generic_names)`; `variables` must be `tf.Variable`s
+    aligned with `grads` (Horovod reads their names only for `groups` given as variable lists).
+    """
+    import horovod.tensorflow as hvd
+
+    make = _require(hvd, "_make_allreduce_grads_fn", "horovod.tensorflow")
+    return make("DistributedGradientTape", device_dense, device_sparse, compression, sparse_as_dense, op,
+                gradient_predivide_factor, groups, process_set)  # fmt: skip
+
+
+def answer_horovodrun_build_checks(flags: dict[str, bool]) -> None:
+    """Makes horovodrun's `mpi_built()`/`gloo_built()` return `flags` instead of forking a TensorFlow import."""
+    from horovod.runner import launch
+
+    _require(launch, "mpi_built", "horovod.runner.launch")
+    _require(launch, "gloo_built", "horovod.runner.launch")
+    launch.mpi_built = lambda verbose=False: flags["mpi"]
+    launch.gloo_built = lambda verbose=False: flags["gloo"]
+
+
+def add_horovodrun_ssh_options(words: list[str]) -> None:
+    """Adds `-o WORD` options to the prefix horovodrun builds every ssh command from (one shell string)."""
+    import shlex
+
+    from horovod.runner.util import remote
+
+    prefix = _require(remote, "SSH_COMMAND_PREFIX", "horovod.runner.util.remote")
+    remote.SSH_COMMAND_PREFIX = " ".join([prefix, *(f"-o {shlex.quote(word)}" for word in words)])
+
+
+def skip_setuptools_distutils() -> None:
+    """Lets `import distutils` find the standard library's copy, where there still is one (Python <= 3.11).
+
+    horovodrun imports `distutils.spawn`; setuptools' shim turns that into an import of setuptools
+    and pkg_resources (0.4 s).
+    """
+    if sys.version_info < (3, 12) and "distutils" not in sys.modules:
+        sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("_distutils_hack")]
+
+
+# ---------------------------------------------------------------------------------------- Keras
+
+
+def learning_rate_object(optimizer: Any) -> Any:
+    """The schedule or variable an optimizer's learning rate is (a `LossScaleOptimizer`'s inner one's)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return _require(inner, "_learning_rate", "keras.optimizers.Optimizer")
+
+
+def flatten_layers(layer: Any, include_self: bool = True) -> list:
+    """Every layer nested in `layer` (recursively), as Keras walks them."""
+    walk = _require(layer, "_flatten_layers", "keras.layers.Layer")
+    return list(walk(include_self=include_self, recursive=True))
+
+
+def functional_model_class() -> type:
+    """Keras' `Functional` model class (what `keras.Model(inputs, outputs)` builds)."""
+    from keras.src.models import functional
+
+    return _require(functional, "Functional", "keras.src.models.functional")
+
+
+# ---------------------------------------------------------------------------------------- TensorFlow
+
+
+def auto_shard_by_file(dataset: Any, size: int, rank: int) -> Any:
+    """`dataset` with tf.distribute's FILE auto-shard rewrite: this rank reads every `size`-th file."""
+    import tensorflow as tf
+    from tensorflow.python.data.experimental.ops import distribute
+
+    rewrite = _require(distribute, "_AutoShardDataset", "tensorflow.python.data.experimental.ops.distribute")
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.FILE
+    return rewrite(dataset.with_options(options), size, rank)
+
+
+def in_xla_context() -> bool:
+    """Whether the function being traced is compiled with XLA (inside `tf.function(jit_compile=True)`)."""
+    from tensorflow.python.framework import ops
+    from tensorflow.python.ops import control_flow_util
+
+    check = _require(control_flow_util, "GraphOrParentsInXlaContext", "tensorflow.python.ops.control_flow_util")
+    return bool(check(ops.get_default_graph()))
+
+
+def serialized_dataset_graph(dataset: Any) -> bytes:
+    """The serialized `GraphDef` of a `tf.data.Dataset`."""
+    return _require(dataset, "_as_serialized_graph", "tf.data.Dataset")().numpy()
+
+
+_REQUESTED_JIT = "_hvdclip_requested_jit_compile"
+
+
+def record_compile_arguments() -> None:
+    """Makes every model remember the `jit_compile` given to `compile` ("auto" when none was), once per process.
+
+    Keras resolves "auto" (True on a GPU when every layer supports XLA) and keeps only the result,
+    so after `compile` an explicit True cannot be told from Keras' default. The wrapper records the
+    argument and calls Keras' own `compile` unchanged.
+    """
+    import functools
+    import inspect
+
+    from keras.src.trainers import trainer
+
+    original = _require(trainer.Trainer, "compile", "keras.src.trainers.trainer.Trainer")
+    if getattr(original, _REQUESTED_JIT, False):
+        return
+    signature = inspect.signature(original)
+    if "jit_compile" not in signature.parameters:
+        raise ForeignVersionError(
+            "keras Trainer.compile takes no `jit_compile`: this Keras is not the release hvdclip was written for. "
+            + _FIX.format(module="keras", names="Trainer.compile(jit_compile=...)")
+        )
+
+    @functools.wraps(original)
+    def compile(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        result = original(self, *args, **kwargs)
+        object.__setattr__(self, _REQUESTED_JIT, bound.arguments["jit_compile"])
+        return result
+
+    setattr(compile, _REQUESTED_JIT, True)
+    trainer.Trainer.compile = compile
+
+
+def requested_jit_compile(model: Any) -> Any:
+    """The `jit_compile` `model.compile` was given (True, False or "auto"); None if compiled before recording began."""
+    return getattr(model, _REQUESTED_JIT, None)
+
+
+def require_batch_norm_moments_hook() -> None:
+    """Checks that `BatchNormalization._moments`, which SyncBatchNormalization overrides, still exists.
+
+    An override cannot be reached through a function; the subclass's module calls this at import.
+    """
+    import keras
+
+    _require(keras.layers.BatchNormalization, "_moments", "keras.layers.BatchNormalization")
+
+
+check_versions()

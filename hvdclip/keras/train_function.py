@@ -1,0 +1,92 @@
+"""hvdclip's train function for Keras `fit`: Keras' own `train_step`, with the ranks' data kept in step.
+
+Keras' `fit` calls `model.train_function(iterator)` once per step; its own takes the next batch
+and runs `train_step`. A rank whose data ends first would end its epoch while the others wait in
+the gradient allreduce for ever. hvdclip's replaces it (`install`, run by
+`BroadcastGlobalVariablesCallback` and `broadcast_initial_state`) with one that runs the same
+`model.train_step`, compiled once, over `hvdclip.Lockstep`:
+
+* at each epoch's start the ranks agree on its length (one allgather of each rank's number of
+  batches, which the callback reads from Keras): known and equal, every rank runs them; known
+  but different, every rank runs the shortest rank's (rank 0 warns with each rank's count);
+  unknown on some rank, every rank runs until the first step after which some rank has none left;
+* every step carries this rank's "I have a next batch" in its gradient allreduce (the vote), so a
+  count that was wrong still ends every rank's epoch together instead of hanging one;
+* when the epoch ends early on a rank, the function raises `StopIteration`, which is how Keras'
+  own train function ends an epoch.
+
+The step is compiled without XLA whatever `compile(jit_compile=...)` resolved to: Horovod's
+collectives have no XLA kernels here (`hvdclip.keras.xla` says what is done about it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from hvdclip.core.lockstep import UNKNOWN, EpochLength, Lockstep, agree_epoch_length
+from hvdclip.distributed.runtime import rank
+
+__all__ = ["TrainFunction", "install"]
+
+
+class TrainFunction:
+    """`model.train_function` for a model compiled with hvdclip's `DistributedOptimizer`."""
+
+    def __init__(self, model: keras.Model) -> None:
+        self.model = model
+        self.optimizer = model.optimizer
+        self._compiled = tf.function(self._one_step, reduce_retracing=True)
+        self._iterator: Any = None
+        self._batches: Iterator | None = None
+        self._length: EpochLength | None = None  # This epoch's, once agreed; None: unknown.
+        self._done = 0  # Steps of this epoch so far.
+        self._warned = False
+
+    def _one_step(self, data: Any, has_data: Any) -> Any:
+        with self.optimizer.voting(has_data):
+            return self.model.train_step(data)
+
+    def begin_epoch(self, batches: int | None) -> None:
+        """The ranks agree on this epoch's length from each one's number of `batches` (None: unknown)."""
+        self._length = agree_epoch_length(UNKNOWN if batches is None else int(batches), None)
+        self._done = 0
+        if rank() == 0 and not self._warned and len(set(self._length.counts)) > 1 and not self._length.watch:
+            self._length.warn_if_uneven()
+            self._warned = True
+
+    def __call__(self, iterator: Any) -> Any:
+        if not isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
+            # `train_on_batch` and friends: a Python iterator of the given batch, on every rank alike.
+            logs = None
+            for _, data in zip(range(self.model.steps_per_execution), iterator):
+                logs = self._compiled(data, None)
+            return logs
+        if iterator is not self._iterator:  # A new pass over the data (Keras keeps one across epochs with steps_per_epoch).
+            self._iterator = iterator
+            equal = self._length is not None and not self._length.watch
+            self._batches = iter(Lockstep(iterator, self.optimizer.clipper, equal_lengths=equal))
+        logs = None
+        cap = None if self._length is None else self._length.steps
+        for _ in range(self.model.steps_per_execution):
+            if cap is not None and self._done >= cap:
+                break
+            item = next(self._batches, None)
+            if item is None:
+                break
+            logs = self._compiled(*item)
+            self._done += 1
+        if logs is None:
+            self._iterator = None  # Keras starts the next epoch with a new iterator.
+            raise StopIteration
+        return logs
+
+
+def install(model: keras.Model) -> TrainFunction:
+    """Makes hvdclip's train function `model`'s (after `compile`; Keras' `fit` then keeps it)."""
+    if not isinstance(model.train_function, TrainFunction):
+        model.train_function = TrainFunction(model)
+    return model.train_function
