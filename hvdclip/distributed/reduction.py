@@ -46,7 +46,7 @@ from hvdclip import foreign
 from hvdclip.distributed.bridge import as_tf_variables
 from hvdclip.validation import check_bool, check_int, check_number
 
-__all__ = ["Reduction", "OPS", "COMPRESSIONS"]
+__all__ = ["Reduction", "OPS", "COMPRESSIONS", "raised"]
 
 COMPRESSIONS = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
 OPS = {"average": hvd.Average, "sum": hvd.Sum, "adasum": hvd.Adasum}
@@ -182,8 +182,7 @@ class Reduction:
             return reduced, self._flags_alone(flags)
         flat = reduced[carrier]
         reduced[carrier] = tf.reshape(flat[:count], carried.shape)
-        counts = flat[count:]
-        return reduced, [counts[i] > 0 for i in range(len(flags))]
+        return reduced, raised(flat[count:], len(flags))
 
     def _carrier(self, grads: list) -> int | None:
         """The dense gradient with the fewest elements (its shape fully known), to carry the flags."""
@@ -205,7 +204,18 @@ class Reduction:
             tf.cast(tf.stack(flags), tf.float32), op=hvd.Sum, name="hvdclip_flags", ignore_name_scope=True,
             process_set=process_set,
         )  # fmt: skip
-        return [counts[i] > 0 for i in range(len(flags))]
+        return raised(counts, len(flags))
+
+
+def raised(reduced_flags: tf.Tensor, count: int) -> list[tf.Tensor]:
+    """Each flag's answer from its reduced value (the count of ranks that raised it, maybe divided by N).
+
+    "Some rank raised it" is "the value is > 0": a sum of 0s and 1s is 0 only if every term is,
+    and dividing a positive count by N, in float32 or in fp16 (smallest positive value 2**-24),
+    stays positive for any N up to 2**24. A threshold on the mean (`mean < 1`) would not: with one
+    rank of N out of data, the mean of "has data" is 1 - 1/N, which rounds to 1 in fp16 from N >= 2048.
+    """
+    return [reduced_flags[i] > 0 for i in range(count)]
 
 
 def _positionally_named(grad: tf.IndexedSlices, position: int) -> tf.IndexedSlices:

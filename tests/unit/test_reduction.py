@@ -4,10 +4,11 @@ two ranks whose Keras layers are numbered differently still issue the same colle
 import horovod.tensorflow as hvd
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import hvdclip
-from hvdclip.distributed.reduction import Reduction
+from hvdclip.distributed.reduction import Reduction, raised
 from support import make_clicks, make_embedding_model, make_mlp
 
 
@@ -63,3 +64,58 @@ def test_dense_collectives_are_named_grad_by_position():
     y = np.zeros((4, 1), "float32")
     names = collective_names(lambda: make_mlp(seed=1), x, y)
     assert any(name.endswith("grad_0") for _, name in names), names
+
+
+# ---------------------------------------------------------------- the has-data vote at any scale
+
+
+def horovod_average(flags: np.ndarray, dtype) -> np.ndarray:
+    """What Horovod's averaging allreduce returns for one element per rank, emulated in `dtype`:
+    the values (cast, as fp16 compression casts them) summed in a ring, then scaled by 1/N."""
+    total = dtype(0)
+    for value in flags.astype(dtype):
+        total = dtype(total + value)
+    return np.array([dtype(total * dtype(1.0 / len(flags)))])
+
+
+@pytest.mark.parametrize("size", [2, 1024, 4096, 2**20])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "fp16 compression"])
+def test_one_rank_out_of_data_is_seen_at_any_number_of_ranks_with_or_without_fp16(size, dtype):
+    for out_of_data in (0, 1, 2, size):
+        missing = np.zeros(size)
+        missing[:out_of_data] = 1  # Each rank sends "I have no next batch".
+        answer = bool(raised(tf.constant(horovod_average(missing, dtype).astype(np.float32)), 1)[0])
+        assert answer == (out_of_data > 0), (size, out_of_data)
+
+
+def test_a_threshold_on_the_mean_of_has_data_flags_misses_the_rank_that_is_out():
+    """Why hvdclip counts: the rule it replaced (mean of "has data" > 0.999) says every rank has data
+    when one of 1024 has none, in float32 and under fp16 compression alike."""
+    has_data = np.ones(1024)
+    has_data[0] = 0
+    for dtype in (np.float32, np.float16):
+        assert float(horovod_average(has_data, dtype)[0]) > 0.999, dtype
+
+
+def test_flags_ride_in_the_smallest_dense_gradient_and_cost_no_collective_of_their_own():
+    model = make_mlp(seed=1)
+    clipper = hvdclip.Clipper(keras.optimizers.SGD(), hvdclip.clip_by_global_norm(1.0))
+    clipper.broadcast_initial_state(model)
+    x, y = np.zeros((4, 8), "float32"), np.zeros((4, 1), "float32")
+
+    def collectives(has_data):
+        @tf.function
+        def step(xb, yb):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(xb, training=True) - yb))
+            tape = hvdclip.DistributedGradientTape(tape, clipper, has_data=has_data)
+            grads = tape.gradient(loss, model.trainable_variables)
+            return tape.apply_gradients(zip(grads, model.trainable_variables))
+
+        graph = step.get_concrete_function(tf.constant(x), tf.constant(y)).graph.as_graph_def()
+        nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+        return sorted((n.op, [i for i in n.input if not i.startswith("^")]) for n in nodes if n.op.startswith("Horovod"))
+
+    without, with_vote = collectives(None), collectives(tf.constant(True))
+    assert len(without) == len(with_vote) == 1, with_vote  # One grouped allreduce either way.
+    assert without[0][0] == with_vote[0][0] == "HorovodGroupedAllreduce"

@@ -162,3 +162,73 @@ def test_a_compiling_section_gets_ten_times_the_bound_and_says_so():
     )
     assert result.returncode == EXIT_CODE
     assert f"step 2 did not complete within 0.5 s (10 x {ENV_VAR}, as the first step compiles)" in result.stderr
+
+
+# ------------------------------------------------------------------ markers of compiled steps
+
+
+def test_a_compiled_step_stuck_in_its_marked_collective_ends_the_process_naming_its_step():
+    """A marker stays entered (a peer never answers): the thread's reads see it and end the process."""
+    start = time.monotonic()
+    result = run_python(
+        """
+        import time
+        import tensorflow as tf
+        from watchdog import Watchdog
+        marker = Watchdog(0.5).marker("the gradient allreduce")
+        marker.first = False  # Not the first entry: no compile allowance.
+
+        @tf.function
+        def stuck(step):
+            marker.enter(step)  # and never leave: what a lost peer does to the allreduce
+            return step
+
+        stuck(tf.constant(17, tf.int64))
+        time.sleep(30)
+        print("not reached")
+        """,
+        env={"HOROVOD_RANK": "1", "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    elapsed = time.monotonic() - start
+    assert result.returncode == EXIT_CODE, result.stderr[-2000:]
+    assert "not reached" not in result.stdout
+    assert f"hvdclip watchdog: the gradient allreduce of optimizer step 17 did not complete within 0.5 s ({ENV_VAR})" in result.stderr
+    assert elapsed < 25
+
+
+def test_steps_that_leave_their_marker_are_left_alone_and_the_first_entry_gets_the_compile_bound():
+    result = run_python(
+        """
+        import time
+        import tensorflow as tf
+        from watchdog import COMPILE_FACTOR, Watchdog
+        marker = Watchdog(0.4).marker("the gradient allreduce")
+
+        @tf.function
+        def step(n):
+            with tf.control_dependencies([marker.enter(n)]):
+                x = tf.identity(n)
+            return marker.leave(x, n)
+
+        @tf.function
+        def slow_first(n):
+            marker.enter(n)
+            return n
+
+        slow_first(tf.constant(1, tf.int64))  # Open for 1.5 s: beyond the bound, within 10 x the bound.
+        time.sleep(1.5)
+        step(tf.constant(1, tf.int64))
+        for n in range(2, 40):  # Many short steps, and idle time between them: nothing fires.
+            step(tf.constant(n, tf.int64))
+            time.sleep(0.05)
+        time.sleep(1.0)
+        print("alive", marker.read())
+        """,
+        env={"TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "alive (0, 39)"
+
+
+def test_a_disarmed_watchdog_makes_no_marker():
+    assert Watchdog(None).marker("the gradient allreduce") is None
