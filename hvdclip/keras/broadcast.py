@@ -9,22 +9,40 @@ from hvdclip.distributed.runtime import require_initialized
 from hvdclip.keras import train_function, xla
 from hvdclip.keras.optimizer import DistributedOptimizer
 
-__all__ = ["broadcast_initial_state"]
+__all__ = ["broadcast_initial_state", "prepare_fit"]
 
 
 def broadcast_initial_state(model: keras.Model) -> None:
     """Builds the compiled model's optimizer, sends rank 0's weights, optimizer slots and clip state, and
     gives the model hvdclip's train function (`hvdclip.keras.train_function`).
 
-    Call it on every rank after `model.compile` and before training, or let
-    `BroadcastGlobalVariablesCallback` call it when `fit` starts. With a plain Keras optimizer it
-    broadcasts the model's and the optimizer's variables, as Horovod's callback does. A second call
-    sends nothing.
+    Call it on every rank after `model.compile` (and after loading any checkpoint) and before
+    training, or let `BroadcastGlobalVariablesCallback` call it when `fit` starts. With a plain
+    Keras optimizer it broadcasts the model's and the optimizer's variables, as Horovod's callback
+    does. A second call sends nothing.
 
     Raises:
         RankMismatchError: on every rank, if the ranks built different models.
         ValueError: the model is not compiled, not built, compiled with `jit_compile=True`, or
             computes in float16 with an optimizer that scales no loss.
+    """
+    optimizer = prepare_fit(model)
+    if not isinstance(optimizer, DistributedOptimizer):
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        broadcast_from_root(list(model.variables) + list(optimizer.variables))
+        return
+    if not optimizer.state_broadcast:
+        optimizer.clipper.broadcast_initial_state(model)
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        optimizer.state_broadcast = True
+
+
+def prepare_fit(model: keras.Model) -> keras.optimizers.Optimizer:
+    """Checks a compiled model before `fit`'s first step and installs hvdclip's train function; no collective.
+
+    Returns the model's optimizer. Raises as `broadcast_initial_state` says.
     """
     require_initialized("hvdclip.keras.broadcast_initial_state")
     if not isinstance(model, keras.Model):
@@ -45,13 +63,10 @@ def broadcast_initial_state(model: keras.Model) -> None:
     if not model.built:
         raise ValueError(
             f"`model` {model.name!r} is not built yet: call it on a batch or `model.build(input_shape)` first "
-            "(BroadcastGlobalVariablesCallback builds it when fit starts, from fit's first batch)."
+            "(in fit, Keras builds it from the first batch before any callback runs)."
         )
     if not isinstance(optimizer, DistributedOptimizer):
-        if not optimizer.built:
-            optimizer.build(model.trainable_variables)
-        broadcast_from_root(list(model.variables) + list(optimizer.variables))
-        return
+        return optimizer
     if model.dtype_policy.name == "mixed_float16" and not optimizer.loss_scaling:
         raise ValueError(
             f"`model` {model.name!r} computes in float16 (mixed_float16), but its DistributedOptimizer scales no loss, so "
@@ -60,9 +75,5 @@ def broadcast_initial_state(model: keras.Model) -> None:
             "keras.optimizers.LossScaleOptimizer. Received: an optimizer made under the float32 policy"
         )
     xla.check_fit_compile(model)
-    if not optimizer.state_broadcast:
-        optimizer.clipper.broadcast_initial_state(model)
-        if not optimizer.built:
-            optimizer.build(model.trainable_variables)
-        optimizer.state_broadcast = True
     train_function.install(model)
+    return optimizer
