@@ -268,3 +268,14 @@ def test_elastic_starts_with_np_when_given_and_uses_horovodrun_inside_a_slurm_al
         *horovodrun(), "-np", "3", "--gloo", "--min-np", "2", "--max-np", "4", "--host-discovery-script", str(discovery_script),
     ]  # fmt: skip
     assert executor.calls[0][0][len(horovodrun()) + 9 : len(horovodrun()) + 11] == ["--elastic-timeout", "600"]
+
+
+def test_horovodruns_plan_is_bounded_and_says_why_it_cannot_be_shown():
+    from hvdclip.launch.cli import _horovodrun_plan
+
+    slow = [sys.executable, "-c", "import time; time.sleep(30)"]
+    assert _horovodrun_plan(slow, dict(os.environ), timeout_s=0.5) == (
+        "# horovodrun's own commands cannot be shown: its dry run took longer than the 0.5 s bound\n"
+    )
+    failing = [sys.executable, "-c", "import sys; sys.exit('no Horovod here')"]
+    assert _horovodrun_plan(failing, dict(os.environ)) == "# horovodrun's own commands cannot be shown: no Horovod here\n"
