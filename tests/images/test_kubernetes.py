@@ -4,7 +4,7 @@ of the test's own, with what the operator adds to its pods made here in the same
 
 What the operator adds (pkg/controller/mpi_job_controller.go, v0.8): the job's ssh key pair, an ECDSA
 P-521 key in PEM, mounted read-only at `sshAuthMountPath` as id_rsa, id_rsa.pub and authorized_keys
-(root's files, mode 0644); the hostfile `/etc/mpi/hostfile` on the launcher; the launcher's Open MPI
+(a Secret volume: root's files, mode 0644, in a world-writable directory); the hostfile `/etc/mpi/hostfile` on the launcher; the launcher's Open MPI
 variables (kubernetes_support.operator_launcher_env); each pod's host name NAME-worker-I and the DNS
 name NAME-worker-I.NAME.NAMESPACE.svc. The pods' `securityContext` user, `args` (the image's
 entrypoint kept) and memory-backed `emptyDir` volumes are applied as Kubernetes would; the workers'
@@ -39,17 +39,26 @@ JOB_BOUND_S = 600
 
 @pytest.fixture
 def operator_files(image):
-    """The job's ssh key files as the operator mounts them, and a directory for its hostfile."""
+    """The job's ssh key files as the operator's Secret volume presents them, and a directory for its
+    hostfile. The kubelet's layout: a world-writable (1777) directory of symlinks into `..data`,
+    which points at a directory holding root's files with the Secret's default mode, 0644."""
     keys = Path(tempfile.mkdtemp(prefix="hvdclip-mpijob-ssh-"))
     config = Path(tempfile.mkdtemp(prefix="hvdclip-mpijob-config-"))
-    podman("run", "--rm", "--network", "none", "--user", "root", "-v", f"{keys}:/keys", image,
+    data = keys / "..2026_01_01_00_00_00.000000000"
+    data.mkdir()
+    podman("run", "--rm", "--network", "none", "--user", "root", "-v", f"{data}:/keys", image,
            "ssh-keygen", "-q", "-t", "ecdsa", "-b", "521", "-m", "PEM", "-N", "", "-f", "/keys/id_rsa", timeout=120)  # fmt: skip
-    public = " ".join((keys / "id_rsa.pub").read_text().split()[:2]) + "\n"  # the operator's has no comment
+    public = " ".join((data / "id_rsa.pub").read_text().split()[:2]) + "\n"  # the operator's has no comment
     for name in OPERATOR_KEY_FILES[1:]:
-        (keys / name).write_text(public)
-    for path in (keys, config, *keys.iterdir()):
+        (data / name).write_text(public)
+    for path in (data, config, *data.iterdir()):
         shutil.chown(path, 0, 0)
         path.chmod(0o755 if path.is_dir() else 0o644)
+    (keys / "..data").symlink_to(data.name)
+    for name in OPERATOR_KEY_FILES:
+        (keys / name).symlink_to(f"..data/{name}")
+    shutil.chown(keys, 0, 0)
+    keys.chmod(0o1777)
     yield keys, config
     shutil.rmtree(keys, ignore_errors=True)
     shutil.rmtree(config, ignore_errors=True)
