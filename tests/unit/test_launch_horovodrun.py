@@ -13,9 +13,19 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HVDCLIP_RUN = [sys.executable, "-m", "hvdclip.launch"]
+# ssh reads an identity file only if it exists (`ssh -G` leaves out one that does not): made below.
+KEY = os.path.join(tempfile.gettempdir(), f"hvdclip-test-key-{uuid.uuid4().hex[:12]}")
+JOB = ["-np", "4", "-H", "node1:2,node2:2", "--ssh-port", "2222", "--ssh-identity-file", KEY]
+# A path, and a value with `=` inside: each must reach ssh exactly.
+OPTIONS = ["--ssh-option", "UserKnownHostsFile=/k/known_hosts", "--ssh-option", "SetEnv=HVD_NOTE=a=b"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -23,14 +33,6 @@ def key():
     Path(KEY).write_text("not a key: ssh -G only checks that the file is there\n")
     yield KEY
     Path(KEY).unlink()
-
-REPO = Path(__file__).resolve().parents[2]
-HVDCLIP_RUN = [sys.executable, "-m", "hvdclip.launch"]
-# ssh reads an identity file only if it exists (`ssh -G` leaves out one that does not).
-KEY = "/tmp/hvdclip-test-launch-horovodrun-key"
-JOB = ["-np", "4", "-H", "node1:2,node2:2", "--ssh-port", "2222", "--ssh-identity-file", KEY]
-# A path, and a value with `=` inside: each must reach ssh exactly.
-OPTIONS = ["--ssh-option", "UserKnownHostsFile=/k/known_hosts", "--ssh-option", "SetEnv=HVD_NOTE=a=b"]
 
 
 def dry_run(*argv: str, **environ: str) -> list[str]:
