@@ -73,8 +73,9 @@ test-launch: install
 	HVDCLIP_REQUIRE_SLURM=$(if $(ROOT_FLAG),1,0) timeout 900 $(PY) -m pytest -q -p no:cacheprovider tests/launcher
 
 # 4 hosts on this machine: network namespaces on a bridge, each host with its own sshd
-# (tests/cluster/cluster.py). 2 hosts x 2 slots, both backends: results equal one process, checkpoints
-# resume exactly, a lost host and a cut link end every process in bounded time. An elastic job on
+# (tests/cluster/cluster.py). 2 hosts x 2 slots, the default backend (horovodrun over mpirun), Gloo and
+# mpirun: results equal one process, a lost host and a cut link end every process in bounded time,
+# every ssh carries hvdclip-run's ssh settings; checkpoints resume exactly. An elastic job on
 # 3 hosts x 1 slot loses one, gains the fourth, and equals a replay of its commits and sizes. Needs
 # root (CI, containers): there the tools are installed and the tests must pass; otherwise skipped.
 test-cluster: install
@@ -99,7 +100,8 @@ test-gpu-build:
 
 # docker/Dockerfile.cpu built for real without a Docker daemon (buildah, as root), on a local stand-in
 # for python:3.11-slim-bookworm (tests/images/make_base.sh); then tests/images runs the image with
-# podman: the 2-rank demo and the two-node recipe across two containers. The stand-in's root file
+# podman: the 2-rank demo, the two-node recipe across two containers, and the Kubernetes MPIJob's
+# launcher and worker commands (launch/kubernetes/, read from the YAML) across three. The stand-in's root file
 # system and the layer cache stay in /var/cache/hvdclip/images (HVDCLIP_IMAGE_CACHE) between runs.
 # Rootful podman: as root (CI) this must pass; otherwise it is skipped, saying so.
 IMAGE_TOOLS := bash tests/images/containers.sh

@@ -13,6 +13,7 @@ import argparse
 import importlib.util
 import os
 import shlex
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from typing import TextIO
@@ -26,6 +27,8 @@ from hvdclip.launch.settings import BACKENDS, DEFAULT_ELASTIC_TIMEOUT_S, DEFAULT
 __all__ = ["main", "parse_args"]
 
 USAGE_EXIT_CODE = 2
+# How long the dry run of horovodrun may take (it resolves the host names).
+PLAN_TIMEOUT_S = 60
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
         help="program that starts the ranks (default: srun inside a Slurm allocation without --elastic, else horovodrun)",
     )
     job.add_argument("--timeout", metavar="S", help="stop the whole job after S seconds (exit code 124)")
-    job.add_argument("--dry-run", action="store_true", help="print the command and run nothing")
+    job.add_argument(
+        "--dry-run", action="store_true", help="print the command (and, for horovodrun, the ssh and mpirun it would run); run nothing"
+    )
     job.add_argument("--verbose", action="store_true", help="print the command before running it; horovodrun --verbose; keep the ranks' start-up logs")
 
     hosts = parser.add_argument_group("hosts").add_mutually_exclusive_group()
@@ -228,6 +233,27 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[LaunchS
     return settings, args
 
 
+def _horovodrun_plan(command: Sequence[str], environ: Mapping[str, str], timeout_s: float = PLAN_TIMEOUT_S) -> str:
+    """What horovodrun would run for `command` (a `python -m hvdclip.launch.horovodrun ...` list),
+    as printed by its `--dry-run`: `#` comment lines and shell command lines, or one comment saying
+    why they cannot be shown.
+
+    It runs the same program with the same environment, with `--dry-run` after the module name.
+    """
+    # Not imported from hvdclip.launch.horovodrun: that module is run with `python -m`.
+    argv = [*command[:3], "--dry-run", *command[3:]]
+    try:
+        result = subprocess.run(argv, env=dict(environ), capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"# horovodrun's own commands cannot be shown: its dry run took longer than the {timeout_s:g} s bound\n"
+    except OSError as err:
+        return f"# horovodrun's own commands cannot be shown: {command[0]}: {err.strerror}\n"
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or [f"exit code {result.returncode}"]
+        return f"# horovodrun's own commands cannot be shown: {lines[-1]}\n"
+    return result.stdout
+
+
 def _require_horovod() -> None:
     # find_spec of a top-level package reads no module: Horovod's (and TensorFlow's) import stays for the ranks.
     if importlib.util.find_spec("horovod") is None:
@@ -273,6 +299,9 @@ def main(
         return USAGE_EXIT_CODE
     if args.dry_run:
         print(shlex.join(command), file=stdout)
+        if settings.backend == "horovodrun":
+            # Then what horovodrun itself would run: its ssh check, and the mpirun that starts the ranks.
+            print(_horovodrun_plan(command, environ), file=stdout, end="")
         return 0
     if args.verbose:
         print(f"hvdclip-run: {shlex.join(command)}", file=stderr, flush=True)

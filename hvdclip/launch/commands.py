@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from hvdclip.errors import LauncherError
 from hvdclip.launch.settings import LaunchSettings
 
-__all__ = ["build_command", "default_backend", "find_program", "horovod_env", "rank_prefix"]
+__all__ = ["build_command", "default_backend", "find_program", "horovod_env", "rank_prefix", "ssh_arguments"]
 
 # Variables mpirun forwards to every rank when they are set: the search paths first, then everything
 # that configures NCCL, Horovod or TensorFlow.
@@ -62,14 +62,27 @@ def rank_prefix(settings: LaunchSettings, python: str) -> list[str]:
     return [python, "-m", "hvdclip.launch.rank", *(["--verbose"] if settings.verbose else []), "--"]
 
 
-def _ssh_words(settings: LaunchSettings) -> list[str]:
-    """ssh's arguments for port, identity and options, as Open MPI's `plm_rsh_args` takes them."""
-    words = ["-p", str(settings.ssh_port)] if settings.ssh_port is not None else []
-    if settings.ssh_identity_file is not None:
-        words += ["-i", settings.ssh_identity_file]
-    for key, value in settings.ssh_option_values().items():
+def ssh_arguments(
+    port: int | str | None, identity_file: str | None, options: Mapping[str, str], environ: Mapping[str, str]
+) -> list[str]:
+    """ssh's arguments for Open MPI's `plm_rsh_args`: port, identity, `-o KEY=VALUE` options, then
+    the words of `OMPI_MCA_plm_rsh_args` in `environ`.
+
+    A `-mca plm_rsh_args` on mpirun's command line replaces that variable (which the Kubeflow MPI
+    Operator sets), so its words are kept here, after hvdclip-run's: ssh takes the first value it is
+    given for each setting, so the explicit options win. Open MPI splits the joined string on
+    whitespace, which is why `LaunchSettings` refuses whitespace in every part.
+
+    Example:
+        >>> ssh_arguments(2222, "/k/id", {"ServerAliveInterval": "5"}, {"OMPI_MCA_plm_rsh_args": "-o ConnectionAttempts=10"})
+        ['-p', '2222', '-i', '/k/id', '-o', 'ServerAliveInterval=5', '-o', 'ConnectionAttempts=10']
+    """
+    words = ["-p", str(port)] if port is not None else []
+    if identity_file is not None:
+        words += ["-i", identity_file]
+    for key, value in options.items():
         words += ["-o", f"{key}={value}"]
-    return words
+    return words + environ.get("OMPI_MCA_plm_rsh_args", "").split()
 
 
 def _mca_args(settings: LaunchSettings, *, btl_nics: bool = True) -> list[str]:
@@ -107,7 +120,8 @@ def _horovodrun(settings: LaunchSettings, environ: Mapping[str, str], as_root: b
         argv += ["--network-interfaces", ",".join(settings.network_interfaces)]
     if controller != "gloo":
         # horovodrun gives its mpirun btl_tcp_if_include itself; the rest reaches it only this way.
-        argv += ["--mpi-args", " ".join(_mca_args(settings, btl_nics=False))]
+        # horovodrun pastes --mpi-args into the command line it hands to /bin/sh: quoted for that shell.
+        argv += ["--mpi-args", shlex.join(_mca_args(settings, btl_nics=False))]
     if settings.fusion_threshold_mb is not None:
         argv += ["--fusion-threshold-mb", str(settings.fusion_threshold_mb)]
     if settings.cycle_time_ms is not None:
@@ -150,7 +164,8 @@ def _mpirun(settings: LaunchSettings, environ: Mapping[str, str], as_root: bool,
     # ob1 over TCP/shared memory works everywhere; the openib BTL is deprecated and only warns.
     argv += ["-mca", "pml", "ob1", "-mca", "btl", "^openib", *_mca_args(settings)]
     # One string: Open MPI splits it into ssh's arguments.
-    argv += ["-mca", "plm_rsh_args", " ".join(_ssh_words(settings))]
+    ssh = ssh_arguments(settings.ssh_port, settings.ssh_identity_file, settings.ssh_option_values(), environ)
+    argv += ["-mca", "plm_rsh_args", " ".join(ssh)]
     if as_root:
         argv.append("--allow-run-as-root")
     return argv + _mpirun_exports(settings, environ)

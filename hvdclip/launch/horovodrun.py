@@ -14,14 +14,24 @@ file keyed by the library's path, size and modification time. A further 0.4 s we
 `horovod.runner.js_run` importing `distutils.spawn`, which setuptools' distutils shim turns into an
 import of setuptools and pkg_resources; the standard library's distutils (Python <= 3.11) serves it.
 
-ssh options: horovodrun builds every ssh command (its reachability check, its interface discovery,
-each remote Gloo rank) from `horovod.runner.util.remote.SSH_COMMAND_PREFIX`, so the options are
-added there. `--env` variables are set in horovodrun's environment, which it passes to every rank.
+ssh options reach every ssh horovodrun starts. Its own ssh commands (its reachability check, its
+interface discovery, each remote Gloo rank, the elastic driver's ranks) all begin with
+`horovod.runner.util.remote.SSH_COMMAND_PREFIX`, so the options go there, first, because ssh keeps
+the first value it is given for each setting. The ranks of an MPI job are started by Open MPI's ssh,
+which takes its arguments from `plm_rsh_args`: stock horovodrun gives it only `-p PORT -i KEY`, so
+here its mpirun gets the port, the key and every option (and any `OMPI_MCA_plm_rsh_args` words).
+`--env` variables are set in horovodrun's environment, which it passes to every rank.
+
+`--dry-run` (first) runs horovodrun's own start-up with each command it would run printed instead:
+its ssh check of each remote host, and the mpirun that starts the ranks (exactly as horovodrun
+would hand it to /bin/sh), or how it starts Gloo ranks. `hvdclip-run --dry-run` prints this after
+its own command line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import glob
 import hashlib
 import importlib.util
@@ -30,12 +40,15 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from hvdclip.launch.commands import ssh_arguments
 
 __all__ = ["build_flags", "main", "split_own_options"]
 
 _OWN_OPTIONS = ("--ssh-option", "--env")
+_DRY_RUN = "--dry-run"
 # Run in a child process: loads TensorFlow's shared libraries (not its Python package) and asks
 # Horovod's TensorFlow library what it was built with.
 _PROBE = """
@@ -108,9 +121,10 @@ def _skip_setuptools_distutils() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dry_run = argv[:1] == [_DRY_RUN]
     try:
-        ssh_options, env, horovodrun_args = split_own_options(argv)
+        ssh_options, env, horovodrun_args = split_own_options(argv[1:] if dry_run else argv)
     except ValueError as err:
         print(f"hvdclip-run: error: {err}", file=sys.stderr)
         return 2
@@ -120,19 +134,122 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the standard library's distutils says it is going
         from horovod.runner import launch
+        from horovod.runner import mpi_run as mpi_run_module
         from horovod.runner.util import remote
 
     flags = build_flags()
     if flags is not None:
-        # The names horovodrun calls (imported into its module); each takes a `verbose` argument.
-        launch.mpi_built = lambda verbose=False: flags["mpi"]
-        launch.gloo_built = lambda verbose=False: flags["gloo"]
-    words = [f"{key}={value}" for key, value in ssh_options.items()]
-    remote.SSH_COMMAND_PREFIX = " ".join([remote.SSH_COMMAND_PREFIX, *(f"-o {shlex.quote(w)}" for w in words)])
+        _answer_build_checks(launch, flags)
+    _add_ssh_options(remote, ssh_options)
+    _give_mpirun_every_ssh_option(launch, mpi_run_module, ssh_options)
+    if dry_run:
+        _print_instead_of_running(launch, remote)
+        # Its cache (~/.horovod) only remembers checks, which the dry run does not make: write none.
+        horovodrun_args = ["--disable-cache", *horovodrun_args]
     os.environ.update(env)
     sys.argv = ["horovodrun", *horovodrun_args]
     launch.run_commandline()
     return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Changes inside horovod.runner, written for Horovod 0.28.1 (its last release). Each function names
+# the private names it relies on; none is used anywhere else in hvdclip.
+
+
+def _answer_build_checks(launch, flags: dict[str, bool]) -> None:
+    """Horovod 0.28.1: `horovod.runner.launch.mpi_built` and `.gloo_built`, the names horovodrun's
+    module imported from `horovod.common.util` and calls with a `verbose` argument."""
+    launch.mpi_built = lambda verbose=False: flags["mpi"]
+    launch.gloo_built = lambda verbose=False: flags["gloo"]
+
+
+def _add_ssh_options(remote, ssh_options: Mapping[str, str]) -> None:
+    """Horovod 0.28.1: `horovod.runner.util.remote.SSH_COMMAND_PREFIX` (`ssh -o ...`), the start of
+    every ssh command horovodrun runs itself (`get_ssh_command` joins it into a shell string).
+
+    The options go right after `ssh`, before Horovod's own `PasswordAuthentication=no` and
+    `StrictHostKeyChecking=no`, because ssh keeps the first value of each setting: the user's win.
+    """
+    program, _, horovods = remote.SSH_COMMAND_PREFIX.partition(" ")
+    words = [f"-o {shlex.quote(f'{key}={value}')}" for key, value in ssh_options.items()]
+    remote.SSH_COMMAND_PREFIX = " ".join([program, *words, horovods]).strip()
+
+
+def _give_mpirun_every_ssh_option(launch, mpi_run_module, ssh_options: Mapping[str, str]) -> None:
+    """Horovod 0.28.1: `horovod.runner.launch.mpi_run`, the name horovodrun's module imported from
+    `horovod.runner.mpi_run` and calls as `mpi_run(settings, nics, env, command)`; the `ssh_port`,
+    `ssh_identity_file` and `extra_mpi_args` attributes of its `Settings`; and
+    `horovod.runner.mpi_run.is_open_mpi(env)`.
+
+    Horovod's `mpi_run` builds `-mca plm_rsh_args "-p PORT -i KEY"` from the settings' port and key
+    alone. Here it gets a copy of the settings without them (so it adds no `plm_rsh_args`: Open MPI
+    refuses a parameter given twice) whose `extra_mpi_args` carry `-mca plm_rsh_args` with the port,
+    the key, every ssh option and the words of `OMPI_MCA_plm_rsh_args`, which the command-line
+    parameter replaces. `extra_mpi_args` is pasted into the shell command Horovod runs, so the value
+    is quoted for that shell. Other MPIs (Intel MPI, MPICH) are left as Horovod starts them.
+    """
+    horovods_mpi_run = launch.mpi_run
+
+    def mpi_run(settings, nics, env, command, stdout=None, stderr=None):
+        words = ssh_arguments(settings.ssh_port, settings.ssh_identity_file, ssh_options, env or {})
+        if words and mpi_run_module.is_open_mpi(env):
+            settings = copy.copy(settings)
+            settings.ssh_port = settings.ssh_identity_file = None
+            ssh = f"-mca plm_rsh_args {shlex.quote(' '.join(words))}"
+            settings.extra_mpi_args = f"{settings.extra_mpi_args} {ssh}" if settings.extra_mpi_args else ssh
+        return horovods_mpi_run(settings, nics, env, command, stdout=stdout, stderr=stderr)
+
+    launch.mpi_run = mpi_run
+
+
+def _print_instead_of_running(launch, remote) -> None:
+    """`--dry-run`: horovodrun's start-up runs, and each command it would start is printed instead.
+
+    Horovod 0.28.1: `horovod.runner.launch._check_all_hosts_ssh_successful(host_addresses,
+    ssh_port, ssh_identity_file, fn_cache=...)` and `launch.SSH_CONNECT_TIMEOUT_S`;
+    `horovod.runner.driver.driver_service.get_common_interfaces(settings, all_host_names,
+    remote_host_names, fn_cache)`; `launch.gloo_run(settings, nics, env, server_ip, command)` and
+    `launch.gloo_run_elastic(settings, env, command, executable)`; `launch.network.get_driver_ip(nics)`
+    (`horovod.runner.util.network`); and `mpi_run`'s last step,
+    `os.execve("/bin/sh", ["/bin/sh", "-c", MPIRUN_COMMAND], env)`, replaced for this process.
+    """
+
+    def check_ssh(host_addresses, ssh_port=None, ssh_identity_file=None, fn_cache=None):
+        print("# horovodrun checks ssh to each remote host (its other ssh commands take the same options):")
+        for host in host_addresses:
+            print(remote.get_remote_command("true", host, ssh_port, ssh_identity_file, launch.SSH_CONNECT_TIMEOUT_S))
+        return True
+
+    find_interfaces = launch.driver_service.get_common_interfaces
+
+    def common_interfaces(settings, all_host_names, remote_host_names=None, fn_cache=None):
+        if remote_host_names and not settings.nics:
+            print("# horovodrun then finds the network interfaces all hosts share, over the same ssh; NICS below stands for them")
+            return ["NICS"]
+        return find_interfaces(settings, all_host_names, remote_host_names, fn_cache)
+
+    def gloo_ranks(settings, nics, env, server_ip, command):
+        names = [host.rsplit(":", 1)[0] for host in settings.hosts.split(",")]
+        remote_hosts = launch.network.filter_local_addresses(names)
+        print(f"# horovodrun starts each rank itself (Gloo){'; on a remote host over ssh:' if remote_hosts else ', all on this host'}")
+        for host in remote_hosts:
+            print(remote.get_remote_command("RANK-COMMAND", host, settings.ssh_port, settings.ssh_identity_file))
+
+    def elastic_ranks(settings, env, command, executable):
+        print("# horovodrun's elastic driver runs the discovery script and starts each rank on a host it names; on a remote host over ssh:")
+        print(remote.get_remote_command("RANK-COMMAND", "HOST", settings.ssh_port, settings.ssh_identity_file))
+
+    def print_mpirun(path, args, env):
+        print("# horovodrun starts the ranks with:")
+        print(args[-1])
+
+    launch._check_all_hosts_ssh_successful = check_ssh
+    launch.driver_service.get_common_interfaces = common_interfaces
+    launch.network.get_driver_ip = lambda nics: "DRIVER-IP"  # Gloo's rendezvous address; NICS may stand in for nics
+    launch.gloo_run = gloo_ranks
+    launch.gloo_run_elastic = elastic_ranks
+    os.execve = print_mpirun
 
 
 if __name__ == "__main__":

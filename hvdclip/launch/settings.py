@@ -18,6 +18,10 @@ _WORD = re.compile(r"[^\s,]+")  # A network interface or srun MPI plugin name: o
 # ssh options and Open MPI parameters end up in Open MPI's `plm_rsh_args` and in horovodrun's ssh
 # command, both split on whitespace: a key is one word, a value has no whitespace.
 _KEY_VALUE = re.compile(r"([A-Za-z][A-Za-z0-9_]*)=(\S+)")
+# mpirun hands its MCA parameters (`plm_rsh_args` among them) to the daemon on each remote host as
+# `-mca NAME "VALUE"` in the command line ssh runs there, unescaped: the remote shell would end the
+# value at a `"` and expand `$`, backquotes and backslashes.
+_REMOTE_SHELL_SPECIAL = re.compile(r'["$`\\]')
 
 # Failure detection: every wait of the launcher on a remote host is bounded. ssh sends a keepalive
 # every 5 s and gives up after 3 unanswered (about 20 s); Open MPI's daemons probe their TCP
@@ -149,10 +153,12 @@ class LaunchSettings:
             if not isinstance(path, str) or not path or any(c.isspace() for c in path):
                 error = ValueError if isinstance(path, str) else TypeError
                 raise error(f"`--ssh-identity-file` must be a path without whitespace. Received: --ssh-identity-file={path!r}")
+            _refuse_remote_shell_special("--ssh-identity-file", path)
         for flag, items, example in (("--ssh-option", self.ssh_options, "ServerAliveInterval=5"), ("--mca", self.mca, "btl_tcp_links=2")):
             for item in check_strings(flag, items):
                 if not _KEY_VALUE.fullmatch(item):
                     raise ValueError(f"`{flag}` takes KEY=VALUE without spaces, such as {example}. Received: {flag}={item!r}")
+                _refuse_remote_shell_special(flag, item)
         check_int("--gloo-timeout", self.gloo_timeout_s, ge=1)
         if self.step_timeout_s is not None:
             check_number("--step-timeout", self.step_timeout_s, gt=0)
@@ -221,6 +227,14 @@ class LaunchSettings:
     def mca_values(self) -> dict[str, str]:
         """The Open MPI parameters in effect: the defaults, then `mca` (a repeated name keeps its last value)."""
         return {**dict(DEFAULT_MCA), **dict(item.split("=", 1) for item in self.mca)}
+
+
+def _refuse_remote_shell_special(flag: str, value: str) -> None:
+    if _REMOTE_SHELL_SPECIAL.search(value):
+        raise ValueError(
+            f"`{flag}` cannot contain any of \" $ ` \\: Open MPI passes it to each remote host's daemon through "
+            f"a shell, unescaped. Received: {flag}={value!r}"
+        )
 
 
 def _check_script(path: object) -> None:

@@ -250,6 +250,27 @@ class Cluster:
                  "--ssh-option", f"UserKnownHostsFile={self.known_hosts}"]  # fmt: skip
         return flags + (["--network-interface", "eth0"] if interface else [])
 
+    def ssh_clients(self, host: str) -> list[list[str]]:
+        """The argument vectors of the ssh clients running on `host`, found by their executable (a
+        wrapper script would not be one)."""
+        ssh = os.path.realpath(shutil.which("ssh") or "ssh")
+        found = []
+        for pid in self.pids(host):
+            try:
+                if os.readlink(f"/proc/{pid}/exe") == ssh:
+                    found.append(Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1])
+            except OSError:
+                continue  # it ended meanwhile
+        return found
+
+    def missing_ssh_settings(self, argv: list[str], options: dict[str, str]) -> list[tuple[str, str]]:
+        """What an ssh client's `argv` lacks of `ssh_flags()`' port, key and known-hosts file and of
+        `options` (`-o KEY=VALUE`), as (flag, value) pairs; [] when it has them all."""
+        wanted = [("-p", str(SSH_PORT)), ("-i", str(self.identity)), ("-o", f"UserKnownHostsFile={self.known_hosts}")]
+        wanted += [("-o", f"{key}={value}") for key, value in options.items()]
+        pairs = set(zip(argv, argv[1:]))
+        return [pair for pair in wanted if pair not in pairs]
+
     def link(self, host: str, up: bool) -> None:
         """Cuts (or restores) `host`'s cable at the switch."""
         _run(["ip", "-n", self._switch, "link", "set", f"{host}p", "up" if up else "down"])

@@ -1,10 +1,14 @@
 """hvdclip-run across 2 hosts x 2 slots (network namespaces with their own sshd, see cluster.py), with
-horovodrun/Gloo and with Open MPI's mpirun: results, checkpoints, and failures that end in bounded time
-on every host."""
+the default backend as users get it (horovodrun, which starts the ranks with mpirun: Horovod here is
+built with MPI), horovodrun/Gloo and Open MPI's mpirun: results, checkpoints, and failures that end in
+bounded time on every host. The hosts' keys are only in the cluster's own known-hosts file, and `ssh`
+is the system's: a job reaches h2 only if hvdclip-run's ssh settings reach every ssh it starts."""
 
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,12 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cluster import SSH_PORT
+
+from hvdclip.launch.settings import DEFAULT_SSH_OPTIONS
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable  # by absolute path: root's .bashrc runs pyenv on every ssh command
 HVDCLIP_RUN = str(Path(sys.executable).parent / "hvdclip-run")
 JOB = str(Path(__file__).resolve().parent / "ranks" / "job.py")
 BACKENDS = {"horovodrun-gloo": ["--gloo"], "mpirun": ["--backend", "mpirun"]}
+# hvdclip-run with no backend flag: horovodrun, whose MPI controller starts the ranks with mpirun.
+WITH_DEFAULT = {"default": [], **BACKENDS}
 HOSTS = ["-np", "4", "-H", "h1:2,h2:2"]
 JOB_TIMEOUT_S = 300
 LOST_HOST_BOUND_S = 15
@@ -79,6 +88,39 @@ def reference(tmp_path_factory):
     return final_weights(out)
 
 
+def assert_every_ssh_setting(cluster, argv: list[str]) -> None:
+    """An ssh client's `argv` carries hvdclip-run's port, key, --ssh-option and its keepalives."""
+    missing = cluster.missing_ssh_settings(argv, dict(DEFAULT_SSH_OPTIONS))
+    assert missing == [], f"ssh without {missing}: {argv}"
+
+
+def test_only_the_clusters_own_known_hosts_file_knows_its_hosts_and_ssh_is_the_systems(cluster):
+    # So a job that reaches h2 proves hvdclip-run's --ssh-option reached the ssh that got there.
+    ssh = shutil.which("ssh")
+    assert Path(ssh).read_bytes()[:4] == b"\x7fELF", f"{ssh} is not the ssh program (a wrapper script?)"
+    without = cluster.run("h1", ["ssh", "-p", str(SSH_PORT), "-i", str(cluster.identity), "-o", "BatchMode=yes", "h2", "true"])
+    assert without.returncode == 255 and "Host key verification failed." in without.stderr, without.stderr
+    assert cluster.run("h1", ["ssh", *cluster.ssh_args(), "h2", "true"]).returncode == 0
+
+
+def test_dry_run_shows_the_ssh_and_the_mpirun_the_default_backend_then_runs(cluster):
+    # --verbose: horovodrun prints the mpirun command it hands to /bin/sh, which must be the dry run's.
+    argv = [HVDCLIP_RUN, *HOSTS, *cluster.ssh_flags(), "--verbose", "--", "hostname"]
+    planned = cluster.run("h1", [argv[0], "--dry-run", *argv[1:]], timeout=120)
+    assert planned.returncode == 0, planned.stderr
+    plan = planned.stdout.splitlines()
+    check = plan[plan.index("# horovodrun checks ssh to each remote host (its other ssh commands take the same options):") + 1]
+    assert_every_ssh_setting(cluster, shlex.split(check))
+    mpirun = plan[plan.index("# horovodrun starts the ranks with:") + 1]
+    words = shlex.split(mpirun)
+    assert_every_ssh_setting(cluster, ["ssh", *words[words.index("plm_rsh_args") + 1].split()])
+    ran = cluster.run("h1", argv, timeout=JOB_TIMEOUT_S)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert mpirun in ran.stdout.splitlines(), ran.stdout[-3000:]
+    names = sorted(line.rsplit(":", 1)[1] for line in ran.stdout.splitlines() if "<stdout>:" in line)
+    assert names == ["h1", "h1", "h2", "h2"], ran.stdout[-3000:]
+
+
 def test_each_host_has_its_name_address_and_sshd_and_no_way_out(cluster):
     for host in cluster.hosts:
         result = cluster.run("h1", ["ssh", *cluster.ssh_args(), host, "hostname; ip -4 -br addr show eth0; ip route"])
@@ -89,7 +131,7 @@ def test_each_host_has_its_name_address_and_sshd_and_no_way_out(cluster):
         assert not any(route.startswith("default") for route in routes), routes
 
 
-@pytest.mark.parametrize("flags", BACKENDS.values(), ids=BACKENDS.keys())
+@pytest.mark.parametrize("flags", WITH_DEFAULT.values(), ids=WITH_DEFAULT.keys())
 def test_four_ranks_on_two_hosts_equal_one_process_on_the_combined_batch(flags, hosts, reference, tmp_path):
     result = run_job(hosts, flags, "steps", str(tmp_path), uuid.uuid4().hex)
     assert result.returncode == 0, result.stderr[-5000:]
@@ -126,6 +168,13 @@ def start_hanging_job(cluster, flags, out: Path, marker: str) -> subprocess.Pope
         raise
     if proc.poll() is not None:
         pytest.fail(f"the job ended before training (exit code {proc.returncode}): {proc.communicate()[1][-3000:]}")
+    # Every ssh the job keeps open from h1 (Gloo: one per remote rank; MPI: to h2's daemon) has every setting.
+    clients = cluster.ssh_clients("h1")
+    assert clients, "no ssh client on h1 while 2 ranks run on h2"
+    for argv in clients:
+        assert_every_ssh_setting(cluster, argv)
+    if not flags:  # the default backend: horovodrun's MPI controller, so an mpirun runs the ranks
+        assert any(Path(f"/proc/{pid}/comm").read_text().strip() == "mpirun" for pid in marked(cluster, "h1", marker))
     return proc
 
 
@@ -139,7 +188,7 @@ def launcher_exit(proc: subprocess.Popen, start: float, bound_s: float, what: st
     return proc.returncode, time.monotonic() - start, err
 
 
-@pytest.mark.parametrize("flags", BACKENDS.values(), ids=BACKENDS.keys())
+@pytest.mark.parametrize("flags", WITH_DEFAULT.values(), ids=WITH_DEFAULT.keys())
 def test_a_lost_host_ends_the_job_promptly_leaving_no_process_on_any_host(flags, hosts, tmp_path):
     marker = uuid.uuid4().hex
     proc = start_hanging_job(hosts, flags, tmp_path, marker)
@@ -157,7 +206,7 @@ def test_a_lost_host_ends_the_job_promptly_leaving_no_process_on_any_host(flags,
         assert left
 
 
-@pytest.mark.parametrize("flags", BACKENDS.values(), ids=BACKENDS.keys())
+@pytest.mark.parametrize("flags", WITH_DEFAULT.values(), ids=WITH_DEFAULT.keys())
 def test_a_partition_ends_the_launcher_and_the_cut_off_ranks_by_themselves(flags, hosts, tmp_path):
     marker = uuid.uuid4().hex
     proc = start_hanging_job(hosts, flags, tmp_path, marker)

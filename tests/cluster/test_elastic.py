@@ -4,11 +4,13 @@ ordinary jobs restored from checkpoints at the same steps and sizes must give th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -21,6 +23,8 @@ HVDCLIP_RUN = str(Path(sys.executable).parent / "hvdclip-run")
 JOB = str(Path(__file__).resolve().parent / "ranks" / "elastic_job.py")
 sys.path.insert(0, str(Path(JOB).parent))
 from elastic_job import COMMIT_EVERY  # noqa: E402
+
+from hvdclip.launch.settings import DEFAULT_SSH_OPTIONS  # noqa: E402
 
 KILL_STEP = 27  # In epoch 1 (22 steps per epoch on 3 ranks), 3 steps after the commit at step 24.
 JOB_TIMEOUT_S = 600
@@ -55,6 +59,25 @@ def final_weights(out: Path) -> list[np.ndarray]:
         return [data[key] for key in sorted(data.files, key=lambda k: int(k.split("_")[1]))]
 
 
+@contextlib.contextmanager
+def watching_ssh(cluster, host: str, every_s: float = 0.5):
+    """Yields a list that collects, while the block runs, each ssh client seen on `host` (its argv)."""
+    seen: list[list[str]] = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(every_s):
+            seen.extend(argv for argv in cluster.ssh_clients(host) if argv not in seen)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+
+
 def run(cluster, argv: list[str]) -> subprocess.CompletedProcess:
     return cluster.run("h1", argv, timeout=JOB_TIMEOUT_S, cwd=REPO)
 
@@ -75,8 +98,12 @@ def test_an_elastic_job_loses_a_host_keeps_training_and_grows_back_exactly(hosts
     argv = [HVDCLIP_RUN, "--elastic", "--min-np", "2", "--max-np", "3", "-np", "3", "--host-discovery-script",
             str(script), "--elastic-timeout", "120", *hosts.ssh_flags(), "--timeout", "500", "--",
             PYTHON, JOB, "elastic", str(out), str(listing), "h3", str(KILL_STEP), "h4", uuid.uuid4().hex]  # fmt: skip
-    result = run(hosts, argv)
+    with watching_ssh(hosts, "h1") as clients:
+        result = run(hosts, argv)
     assert result.returncode == 0, result.stderr[-6000:]
+    # Every ssh the elastic driver started from h1 (to h2, h3 and the newcomer h4) had every setting.
+    assert {argv[argv.index("-p") - 1] for argv in clients} >= {"h2", "h3", "h4"}, clients
+    assert [hosts.missing_ssh_settings(ssh, dict(DEFAULT_SSH_OPTIONS)) for ssh in clients] == [[]] * len(clients), clients
 
     # Every rank of the final world (h1, h2 and the newcomer h4) finished with the same weights.
     final = ends(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -22,3 +23,17 @@ def podman(*args: str, timeout: float, check: bool = True) -> subprocess.Complet
     if check and result.returncode != 0:
         pytest.fail(f"{command} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
+
+
+def wait_for_sshd(container: str, bound: float) -> None:
+    """Until the container's sshd logs that it listens; fails naming the bound when it runs out."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        logs = podman("logs", container, timeout=30, check=False)
+        if "Server listening" in logs.stdout + logs.stderr:
+            return
+        state = podman("inspect", "--format", "{{.State.Status}}", container, timeout=30, check=False).stdout.strip()
+        if state not in ("running", "created", "configured"):
+            pytest.fail(f"{container} stopped ({state}) before its sshd listened:\n{logs.stdout}{logs.stderr}")
+        time.sleep(1)
+    pytest.fail(f"{container}'s sshd did not listen within the {bound:.0f} s bound")

@@ -3,21 +3,14 @@ docs/docker.md across two containers on a network of the test's own."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-
-from image_support import podman
-
-# The two-node network: private, made by the test and removed after it. A subnet the host already
-# routes would be refused by netavark, so a few candidates are tried.
-SUBNETS = ["10.213.77.0/24", "10.213.78.0/24", "172.30.213.0/24"]
+from image_support import podman, wait_for_sshd
 
 
 def test_image_runs_unprivileged_under_tini(image):
@@ -48,22 +41,6 @@ def test_two_rank_demo_trains(image):
 
 
 @pytest.fixture
-def network(unique):
-    """A bridge network of the test's own: (name, node1's address, node2's address)."""
-    name = f"hvdclip-test-{unique}"
-    for subnet in SUBNETS:
-        created = podman("network", "create", "--subnet", subnet, name, timeout=60, check=False)
-        if created.returncode == 0:
-            break
-    else:
-        pytest.fail(f"could not create a podman network on any of {SUBNETS}: {created.stderr}")
-    hosts = ipaddress.ip_network(subnet).hosts()
-    next(hosts)  # the gateway
-    yield name, str(next(hosts)), str(next(hosts))
-    podman("network", "rm", "-f", name, timeout=60, check=False)
-
-
-@pytest.fixture
 def job_keys(image):
     """The recipe's hvd-ssh/ directory: the job's key pair, authorised for itself, owned by uid 1000."""
     keys = Path(tempfile.mkdtemp(prefix="hvdclip-keys-"))
@@ -77,24 +54,10 @@ def job_keys(image):
     shutil.rmtree(keys, ignore_errors=True)
 
 
-def wait_for_sshd(container: str, bound: float) -> None:
-    """Until the container's sshd logs that it listens; fails naming the bound when it runs out."""
-    deadline = time.monotonic() + bound
-    while time.monotonic() < deadline:
-        logs = podman("logs", container, timeout=30, check=False)
-        if "Server listening" in logs.stdout + logs.stderr:
-            return
-        state = podman("inspect", "--format", "{{.State.Status}}", container, timeout=30, check=False).stdout.strip()
-        if state not in ("running", "created", "configured"):
-            pytest.fail(f"{container} stopped ({state}) before its sshd listened:\n{logs.stdout}{logs.stderr}")
-        time.sleep(1)
-    pytest.fail(f"{container}'s sshd did not listen within the {bound:.0f} s bound")
-
-
 def test_two_node_recipe_across_two_containers(image, network, job_keys, unique):
     """docs/docker.md's two-node recipe: node2 runs hvdclip-sshd (port 2222), node1 launches one
     rank on each node with mpirun over SSH."""
-    net, node1_ip, node2_ip = network
+    net, (node1_ip, node2_ip, _) = network
     hosts = ["--add-host", f"node1:{node1_ip}", "--add-host", f"node2:{node2_ip}"]
     common = ["--ipc=host", "--network", net, *hosts, "-v", f"{job_keys}:/home/hvd/.ssh:ro"]
     sshd = f"hvdclip-test-node2-{unique}"

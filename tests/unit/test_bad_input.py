@@ -460,6 +460,13 @@ SETTINGS = table(
      r"^`--ssh-option` takes KEY=VALUE without spaces, such as ServerAliveInterval=5\. Received: --ssh-option='Port'$", "--ssh-option"),
     ("mca", "type", "btl=tcp", TypeError, r"^`--mca` must be a tuple or list of str\. Received: --mca='btl=tcp'$", "--mca"),
     ("mca", "range", ("btl tcp",), ValueError, r"^`--mca` takes KEY=VALUE without spaces, such as btl_tcp_links=2\. Received: --mca='btl tcp'$", "--mca"),
+    # mpirun hands these to each remote host's daemon through a shell, unescaped.
+    ("ssh_identity_file", "range", "/keys/$USER/id", ValueError,
+     r"^`--ssh-identity-file` cannot contain any of \" \$ ` \\: Open MPI passes it to each remote host's daemon through a shell, "
+     r"unescaped\. Received: --ssh-identity-file='/keys/\$USER/id'$", "--ssh-identity-file"),
+    ("ssh_options", "range", ('ProxyJump="bastion"',), ValueError,
+     r"^`--ssh-option` cannot contain any of .*Received: --ssh-option='ProxyJump=\"bastion\"'$", "--ssh-option"),
+    ("mca", "range", ("orte_tmpdir_base=/tmp/`id`",), ValueError, r"^`--mca` cannot contain any of .*Received: --mca='orte_tmpdir_base=/tmp/`id`'$", "--mca"),
     ("gloo_timeout_s", "type", 1.5, TypeError, r"^`--gloo-timeout` must be an integer >= 1\. Received: --gloo-timeout=1\.5$", "--gloo-timeout"),
     ("gloo_timeout_s", "range", 0, ValueError, r"^`--gloo-timeout` must be an integer >= 1\. Received: --gloo-timeout=0$", "--gloo-timeout"),
     ("step_timeout_s", "type", "60", TypeError, r"^`--step-timeout` must be a number > 0\. Received: --step-timeout='60'$", "--step-timeout"),
@@ -554,6 +561,7 @@ CLI = cli_table(
     ("--ssh-identity-file", "range", ["--ssh-identity-file", "my key"], r"`--ssh-identity-file` must be a path without whitespace\. Received: --ssh-identity-file='my key'$"),
     ("--ssh-option", "type", ["--ssh-option"], r"argument --ssh-option: expected one argument$"),
     ("--ssh-option", "range", ["--ssh-option", "Port 22"], r"`--ssh-option` takes KEY=VALUE without spaces.*Received: --ssh-option='Port 22'$"),
+    ("--ssh-option", "range", ["--ssh-option", "IdentityFile=C:\\keys\\id"], r"`--ssh-option` cannot contain any of \" \$ ` \\: .*Received: --ssh-option='IdentityFile=C:\\\\keys\\\\id'$"),
     ("--mca", "type", ["--mca"], r"argument --mca: expected one argument$"),
     ("--mca", "range", ["--mca", "btl"], r"`--mca` takes KEY=VALUE without spaces.*Received: --mca='btl'$"),
     ("--gloo-timeout", "type", ["--gloo-timeout", "30s"], r"`--gloo-timeout` must be an integer >= 1\. Received: --gloo-timeout=30s$"),

@@ -168,7 +168,11 @@ def test_missing_launcher_is_an_environment_error_with_exit_code_2(tmp_path, mon
 def test_module_and_console_script_are_the_same_program(entry):
     result = subprocess.run([*entry, "-np", "2", "--dry-run", "--", "python", "t.py"], capture_output=True, text=True, cwd=REPO)
     assert (result.returncode, result.stderr) == (0, "")
-    assert shlex.split(result.stdout) == [*horovodrun(), "-np", "2", *MPI_ARGS, *rank(), "python", "t.py"]
+    ours, *plan = result.stdout.splitlines()
+    assert shlex.split(ours) == [*horovodrun(), "-np", "2", *MPI_ARGS, *rank(), "python", "t.py"]
+    # Then what horovodrun would run (tests/unit/test_launch_horovodrun.py): one host, so no ssh.
+    assert plan[0] == "# horovodrun starts the ranks with:" and len(plan) == 2, plan
+    assert plan[1].startswith("mpirun ") and plan[1].endswith(shlex.join([*rank()[1:], "python", "t.py"])), plan
 
 
 def test_importing_the_launcher_loads_neither_tensorflow_nor_horovod():
@@ -205,7 +209,10 @@ def test_cluster_options_reach_horovodrun(bin_dir):
         "--dry-run", "--", "python", "t.py",
     ]  # fmt: skip
     code, out, err = run(argv, {"PATH": str(bin_dir)})
-    assert shlex.split(out) == [
+    ours, plan = out.splitlines()
+    # The fixture's interpreter does not exist, so horovodrun's own commands cannot be shown.
+    assert plan == f"# horovodrun's own commands cannot be shown: {sys.executable}: No such file or directory"
+    assert shlex.split(ours) == [
         sys.executable, "-m", "hvdclip.launch.horovodrun",
         "--ssh-option", "ServerAliveInterval=5", "--ssh-option", "ServerAliveCountMax=3",
         "--ssh-option", "UserKnownHostsFile=/k/known",
@@ -244,7 +251,7 @@ def test_elastic_dry_run_prints_horovodrun_with_its_elastic_flags(bin_dir, disco
     ]  # fmt: skip
     code, out, err = run(argv, {"PATH": str(bin_dir)})
     assert (code, err) == (0, "")
-    assert shlex.split(out) == [
+    assert shlex.split(out.splitlines()[0]) == [
         *horovodrun(), "-np", "2", "--gloo", "--min-np", "2", "--max-np", "4",
         "--host-discovery-script", str(discovery_script), "--slots-per-host", "2", "--elastic-timeout", "120",
         "--reset-limit", "3", "--network-interfaces", "lo", *rank(), "python", "train.py",
@@ -261,3 +268,14 @@ def test_elastic_starts_with_np_when_given_and_uses_horovodrun_inside_a_slurm_al
         *horovodrun(), "-np", "3", "--gloo", "--min-np", "2", "--max-np", "4", "--host-discovery-script", str(discovery_script),
     ]  # fmt: skip
     assert executor.calls[0][0][len(horovodrun()) + 9 : len(horovodrun()) + 11] == ["--elastic-timeout", "600"]
+
+
+def test_horovodruns_plan_is_bounded_and_says_why_it_cannot_be_shown():
+    from hvdclip.launch.cli import _horovodrun_plan
+
+    slow = [sys.executable, "-c", "import time; time.sleep(30)"]
+    assert _horovodrun_plan(slow, dict(os.environ), timeout_s=0.5) == (
+        "# horovodrun's own commands cannot be shown: its dry run took longer than the 0.5 s bound\n"
+    )
+    failing = [sys.executable, "-c", "import sys; sys.exit('no Horovod here')"]
+    assert _horovodrun_plan(failing, dict(os.environ)) == "# horovodrun's own commands cannot be shown: no Horovod here\n"

@@ -1,5 +1,6 @@
 """The argument list each backend gets, compared as lists; and the checks `LaunchSettings` makes."""
 
+import shlex
 import sys
 
 import pytest
@@ -133,6 +134,18 @@ def test_mpirun_ssh_options_go_into_plm_rsh_args_and_mca_overrides_the_defaults(
         "-p 2222 -i /keys/id -o ServerAliveInterval=5 -o ServerAliveCountMax=6 -o UserKnownHostsFile=/keys/known",
     ]  # fmt: skip
     assert argv[28:32] == ["-x", "HOROVOD_GLOO_TIMEOUT_SECONDS=99", "-x", "HVDCLIP_STEP_TIMEOUT=12.5"]
+
+
+def test_mpirun_keeps_the_plm_rsh_args_of_the_environment_after_its_own():
+    # The Kubeflow MPI Operator sets OMPI_MCA_plm_rsh_args; mpirun's -mca plm_rsh_args replaces it.
+    argv = build_command(settings(backend="mpirun", ssh_port=2222), {"OMPI_MCA_plm_rsh_args": " -o ConnectionAttempts=10 "})
+    assert argv[argv.index("plm_rsh_args") + 1] == f"-p 2222 {SSH_DEFAULTS} -o ConnectionAttempts=10"
+
+
+def test_horovodrun_mca_values_are_quoted_for_the_shell_horovodrun_pastes_them_into():
+    argv = build_command(settings(mca=("orte_tmpdir_base=/tmp/a;b*c'd",)), {})
+    mpi_args = argv[argv.index("--mpi-args") + 1]
+    assert shlex.split(mpi_args) == [*KEEPALIVE, "-mca", "orte_tmpdir_base", "/tmp/a;b*c'd"]
 
 
 def test_srun_minimal_and_with_hosts_and_tuning():
