@@ -17,7 +17,9 @@ TensorFlow); each function imports what it needs.
 | `DatasetV2._as_serialized_graph` | TensorFlow | whether a dataset reads files (its graph's reader ops) |
 | `control_flow_util.GraphOrParentsInXlaContext` | TensorFlow | whether a step is being traced for XLA (`tf.function(jit_compile=True)`) |
 | `keras.src.trainers.trainer.Trainer.compile` (wrapped) | Keras | the `jit_compile` a model was compiled with *before* Keras resolved "auto" |
-| `horovod.runner.launch.{mpi_built,gloo_built}`, `horovod.runner.util.remote.SSH_COMMAND_PREFIX` | Horovod | horovodrun's slow build checks answered from a cache, and ssh options for every ssh it runs |
+| `horovod.runner.launch.{mpi_built,gloo_built}` | Horovod | horovodrun's slow build checks answered from a cache |
+| `horovod.runner.util.remote.SSH_COMMAND_PREFIX`, `horovod.runner.launch.mpi_run` (wrapped), `horovod.runner.mpi_run.is_open_mpi` | Horovod | every ssh option and keepalive in every ssh horovodrun runs, its mpirun's included |
+| `horovod.runner.launch._check_all_hosts_ssh_successful`, `.gloo_run`, `.gloo_run_elastic`, `.driver_service`, `.network` | Horovod | `hvdclip-run --dry-run` prints what horovodrun would run instead of running it |
 | `_distutils_hack` (setuptools) | setuptools | horovodrun's `distutils` import served by the standard library (Python <= 3.11) |
 
 `check_versions()` runs at import: hvdclip was written for the versions in `WRITTEN_FOR`.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from hvdclip.errors import HvdClipError
@@ -46,8 +49,11 @@ __all__ = [
     "in_xla_context",
     "record_compile_arguments",
     "requested_jit_compile",
+    "horovodrun",
     "answer_horovodrun_build_checks",
     "add_horovodrun_ssh_options",
+    "give_horovodrun_mpirun_every_ssh_option",
+    "print_instead_of_running_horovodrun",
     "skip_setuptools_distutils",
 ]
 
@@ -131,26 +137,6 @@ def make_allreduce_grads_fn(device_dense: str, device_sparse: str, compression: 
                 gradient_predivide_factor, groups, process_set)  # fmt: skip
 
 
-def answer_horovodrun_build_checks(flags: dict[str, bool]) -> None:
-    """Makes horovodrun's `mpi_built()`/`gloo_built()` return `flags` instead of forking a TensorFlow import."""
-    from horovod.runner import launch
-
-    _require(launch, "mpi_built", "horovod.runner.launch")
-    _require(launch, "gloo_built", "horovod.runner.launch")
-    launch.mpi_built = lambda verbose=False: flags["mpi"]
-    launch.gloo_built = lambda verbose=False: flags["gloo"]
-
-
-def add_horovodrun_ssh_options(words: list[str]) -> None:
-    """Adds `-o WORD` options to the prefix horovodrun builds every ssh command from (one shell string)."""
-    import shlex
-
-    from horovod.runner.util import remote
-
-    prefix = _require(remote, "SSH_COMMAND_PREFIX", "horovod.runner.util.remote")
-    remote.SSH_COMMAND_PREFIX = " ".join([prefix, *(f"-o {shlex.quote(word)}" for word in words)])
-
-
 def skip_setuptools_distutils() -> None:
     """Lets `import distutils` find the standard library's copy, where there still is one (Python <= 3.11).
 
@@ -159,6 +145,140 @@ def skip_setuptools_distutils() -> None:
     """
     if sys.version_info < (3, 12) and "distutils" not in sys.modules:
         sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("_distutils_hack")]
+
+
+def horovodrun():
+    """horovodrun's entry point (`horovod.runner.launch.run_commandline`), imported without its slow extras.
+
+    Its `distutils.spawn` import is served by the standard library (`skip_setuptools_distutils`).
+    """
+    return _require(_horovodrun_module("launch"), "run_commandline", "horovod.runner.launch")
+
+
+def _horovodrun_module(name: str) -> Any:
+    import importlib
+    import warnings
+
+    skip_setuptools_distutils()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # The standard library's distutils says it is going.
+        return importlib.import_module(f"horovod.runner.{name}")
+
+
+
+
+def answer_horovodrun_build_checks(flags: dict[str, bool]) -> None:
+    """Horovod 0.28.1: `horovod.runner.launch.mpi_built` and `.gloo_built`, the names horovodrun's
+    module imported from `horovod.common.util` and calls with a `verbose` argument."""
+    launch = _horovodrun_module("launch")
+    _require(launch, "mpi_built", "horovod.runner.launch")
+    _require(launch, "gloo_built", "horovod.runner.launch")
+    launch.mpi_built = lambda verbose=False: flags["mpi"]
+    launch.gloo_built = lambda verbose=False: flags["gloo"]
+
+
+def add_horovodrun_ssh_options(ssh_options: Mapping[str, str]) -> None:
+    """Horovod 0.28.1: `horovod.runner.util.remote.SSH_COMMAND_PREFIX` (`ssh -o ...`), the start of
+    every ssh command horovodrun runs itself (`get_ssh_command` joins it into a shell string).
+
+    The options go right after `ssh`, before Horovod's own `PasswordAuthentication=no` and
+    `StrictHostKeyChecking=no`, because ssh keeps the first value of each setting: the user's win.
+    """
+    import shlex
+
+    remote = _horovodrun_module("util.remote")
+    program, _, horovods = _require(remote, "SSH_COMMAND_PREFIX", "horovod.runner.util.remote").partition(" ")
+    words = [f"-o {shlex.quote(f'{key}={value}')}" for key, value in ssh_options.items()]
+    remote.SSH_COMMAND_PREFIX = " ".join([program, *words, horovods]).strip()
+
+
+def give_horovodrun_mpirun_every_ssh_option(ssh_options: Mapping[str, str]) -> None:
+    """Horovod 0.28.1: `horovod.runner.launch.mpi_run`, the name horovodrun's module imported from
+    `horovod.runner.mpi_run` and calls as `mpi_run(settings, nics, env, command)`; the `ssh_port`,
+    `ssh_identity_file` and `extra_mpi_args` attributes of its `Settings`; and
+    `horovod.runner.mpi_run.is_open_mpi(env)`.
+
+    Horovod's `mpi_run` builds `-mca plm_rsh_args "-p PORT -i KEY"` from the settings' port and key
+    alone. Here it gets a copy of the settings without them (so it adds no `plm_rsh_args`: Open MPI
+    refuses a parameter given twice) whose `extra_mpi_args` carry `-mca plm_rsh_args` with the port,
+    the key, every ssh option and the words of `OMPI_MCA_plm_rsh_args`, which the command-line
+    parameter replaces. `extra_mpi_args` is pasted into the shell command Horovod runs, so the value
+    is quoted for that shell. Other MPIs (Intel MPI, MPICH) are left as Horovod starts them.
+    """
+    import copy
+    import shlex
+
+    from hvdclip.launch.commands import ssh_arguments
+
+    launch, mpi_run_module = _horovodrun_module("launch"), _horovodrun_module("mpi_run")
+    horovods_mpi_run = _require(launch, "mpi_run", "horovod.runner.launch")
+    _require(mpi_run_module, "is_open_mpi", "horovod.runner.mpi_run")
+
+    def mpi_run(settings, nics, env, command, stdout=None, stderr=None):
+        words = ssh_arguments(settings.ssh_port, settings.ssh_identity_file, ssh_options, env or {})
+        if words and mpi_run_module.is_open_mpi(env):
+            settings = copy.copy(settings)
+            settings.ssh_port = settings.ssh_identity_file = None
+            ssh = f"-mca plm_rsh_args {shlex.quote(' '.join(words))}"
+            settings.extra_mpi_args = f"{settings.extra_mpi_args} {ssh}" if settings.extra_mpi_args else ssh
+        return horovods_mpi_run(settings, nics, env, command, stdout=stdout, stderr=stderr)
+
+    launch.mpi_run = mpi_run
+
+
+def print_instead_of_running_horovodrun() -> None:
+    """`--dry-run`: horovodrun's start-up runs, and each command it would start is printed instead.
+
+    Horovod 0.28.1: `horovod.runner.launch._check_all_hosts_ssh_successful(host_addresses,
+    ssh_port, ssh_identity_file, fn_cache=...)` and `launch.SSH_CONNECT_TIMEOUT_S`;
+    `horovod.runner.driver.driver_service.get_common_interfaces(settings, all_host_names,
+    remote_host_names, fn_cache)`; `launch.gloo_run(settings, nics, env, server_ip, command)` and
+    `launch.gloo_run_elastic(settings, env, command, executable)`; `launch.network.get_driver_ip(nics)`
+    (`horovod.runner.util.network`); and `mpi_run`'s last step,
+    `os.execve("/bin/sh", ["/bin/sh", "-c", MPIRUN_COMMAND], env)`, replaced for this process.
+    """
+
+    import os
+
+    launch, remote = _horovodrun_module("launch"), _horovodrun_module("util.remote")
+    for name in ("_check_all_hosts_ssh_successful", "driver_service", "network", "gloo_run", "gloo_run_elastic"):
+        _require(launch, name, "horovod.runner.launch")
+
+    def check_ssh(host_addresses, ssh_port=None, ssh_identity_file=None, fn_cache=None):
+        print("# horovodrun checks ssh to each remote host (its other ssh commands take the same options):")
+        for host in host_addresses:
+            print(remote.get_remote_command("true", host, ssh_port, ssh_identity_file, launch.SSH_CONNECT_TIMEOUT_S))
+        return True
+
+    find_interfaces = launch.driver_service.get_common_interfaces
+
+    def common_interfaces(settings, all_host_names, remote_host_names=None, fn_cache=None):
+        if remote_host_names and not settings.nics:
+            print("# horovodrun then finds the network interfaces all hosts share, over the same ssh; NICS below stands for them")
+            return ["NICS"]
+        return find_interfaces(settings, all_host_names, remote_host_names, fn_cache)
+
+    def gloo_ranks(settings, nics, env, server_ip, command):
+        names = [host.rsplit(":", 1)[0] for host in settings.hosts.split(",")]
+        remote_hosts = launch.network.filter_local_addresses(names)
+        print(f"# horovodrun starts each rank itself (Gloo){'; on a remote host over ssh:' if remote_hosts else ', all on this host'}")
+        for host in remote_hosts:
+            print(remote.get_remote_command("RANK-COMMAND", host, settings.ssh_port, settings.ssh_identity_file))
+
+    def elastic_ranks(settings, env, command, executable):
+        print("# horovodrun's elastic driver runs the discovery script and starts each rank on a host it names; on a remote host over ssh:")
+        print(remote.get_remote_command("RANK-COMMAND", "HOST", settings.ssh_port, settings.ssh_identity_file))
+
+    def print_mpirun(path, args, env):
+        print("# horovodrun starts the ranks with:")
+        print(args[-1])
+
+    launch._check_all_hosts_ssh_successful = check_ssh
+    launch.driver_service.get_common_interfaces = common_interfaces
+    launch.network.get_driver_ip = lambda nics: "DRIVER-IP"  # Gloo's rendezvous address; NICS may stand in for nics
+    launch.gloo_run = gloo_ranks
+    launch.gloo_run_elastic = elastic_ranks
+    os.execve = print_mpirun
 
 
 # ---------------------------------------------------------------------------------------- Keras

@@ -31,19 +31,17 @@ its own command line.
 from __future__ import annotations
 
 import contextlib
-import copy
 import glob
 import hashlib
 import importlib.util
 import json
 import os
-import shlex
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from hvdclip.launch.commands import ssh_arguments
+from hvdclip import foreign
 
 __all__ = ["build_flags", "main", "split_own_options"]
 
@@ -114,12 +112,6 @@ def build_flags() -> dict[str, bool] | None:
     return flags
 
 
-def _skip_setuptools_distutils() -> None:
-    """Lets `import distutils` find the standard library's copy, where there still is one."""
-    if sys.version_info < (3, 12) and "distutils" not in sys.modules:
-        sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("_distutils_hack")]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     dry_run = argv[:1] == [_DRY_RUN]
@@ -128,128 +120,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"hvdclip-run: error: {err}", file=sys.stderr)
         return 2
-    _skip_setuptools_distutils()
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the standard library's distutils says it is going
-        from horovod.runner import launch
-        from horovod.runner import mpi_run as mpi_run_module
-        from horovod.runner.util import remote
-
+    run_horovodrun = foreign.horovodrun()
     flags = build_flags()
     if flags is not None:
-        _answer_build_checks(launch, flags)
-    _add_ssh_options(remote, ssh_options)
-    _give_mpirun_every_ssh_option(launch, mpi_run_module, ssh_options)
+        foreign.answer_horovodrun_build_checks(flags)
+    foreign.add_horovodrun_ssh_options(ssh_options)
+    foreign.give_horovodrun_mpirun_every_ssh_option(ssh_options)
     if dry_run:
-        _print_instead_of_running(launch, remote)
+        foreign.print_instead_of_running_horovodrun()
         # Its cache (~/.horovod) only remembers checks, which the dry run does not make: write none.
         horovodrun_args = ["--disable-cache", *horovodrun_args]
     os.environ.update(env)
     sys.argv = ["horovodrun", *horovodrun_args]
-    launch.run_commandline()
+    run_horovodrun()
     return 0
-
-
-# ------------------------------------------------------------------------------------------------
-# Changes inside horovod.runner, written for Horovod 0.28.1 (its last release). Each function names
-# the private names it relies on; none is used anywhere else in hvdclip.
-
-
-def _answer_build_checks(launch, flags: dict[str, bool]) -> None:
-    """Horovod 0.28.1: `horovod.runner.launch.mpi_built` and `.gloo_built`, the names horovodrun's
-    module imported from `horovod.common.util` and calls with a `verbose` argument."""
-    launch.mpi_built = lambda verbose=False: flags["mpi"]
-    launch.gloo_built = lambda verbose=False: flags["gloo"]
-
-
-def _add_ssh_options(remote, ssh_options: Mapping[str, str]) -> None:
-    """Horovod 0.28.1: `horovod.runner.util.remote.SSH_COMMAND_PREFIX` (`ssh -o ...`), the start of
-    every ssh command horovodrun runs itself (`get_ssh_command` joins it into a shell string).
-
-    The options go right after `ssh`, before Horovod's own `PasswordAuthentication=no` and
-    `StrictHostKeyChecking=no`, because ssh keeps the first value of each setting: the user's win.
-    """
-    program, _, horovods = remote.SSH_COMMAND_PREFIX.partition(" ")
-    words = [f"-o {shlex.quote(f'{key}={value}')}" for key, value in ssh_options.items()]
-    remote.SSH_COMMAND_PREFIX = " ".join([program, *words, horovods]).strip()
-
-
-def _give_mpirun_every_ssh_option(launch, mpi_run_module, ssh_options: Mapping[str, str]) -> None:
-    """Horovod 0.28.1: `horovod.runner.launch.mpi_run`, the name horovodrun's module imported from
-    `horovod.runner.mpi_run` and calls as `mpi_run(settings, nics, env, command)`; the `ssh_port`,
-    `ssh_identity_file` and `extra_mpi_args` attributes of its `Settings`; and
-    `horovod.runner.mpi_run.is_open_mpi(env)`.
-
-    Horovod's `mpi_run` builds `-mca plm_rsh_args "-p PORT -i KEY"` from the settings' port and key
-    alone. Here it gets a copy of the settings without them (so it adds no `plm_rsh_args`: Open MPI
-    refuses a parameter given twice) whose `extra_mpi_args` carry `-mca plm_rsh_args` with the port,
-    the key, every ssh option and the words of `OMPI_MCA_plm_rsh_args`, which the command-line
-    parameter replaces. `extra_mpi_args` is pasted into the shell command Horovod runs, so the value
-    is quoted for that shell. Other MPIs (Intel MPI, MPICH) are left as Horovod starts them.
-    """
-    horovods_mpi_run = launch.mpi_run
-
-    def mpi_run(settings, nics, env, command, stdout=None, stderr=None):
-        words = ssh_arguments(settings.ssh_port, settings.ssh_identity_file, ssh_options, env or {})
-        if words and mpi_run_module.is_open_mpi(env):
-            settings = copy.copy(settings)
-            settings.ssh_port = settings.ssh_identity_file = None
-            ssh = f"-mca plm_rsh_args {shlex.quote(' '.join(words))}"
-            settings.extra_mpi_args = f"{settings.extra_mpi_args} {ssh}" if settings.extra_mpi_args else ssh
-        return horovods_mpi_run(settings, nics, env, command, stdout=stdout, stderr=stderr)
-
-    launch.mpi_run = mpi_run
-
-
-def _print_instead_of_running(launch, remote) -> None:
-    """`--dry-run`: horovodrun's start-up runs, and each command it would start is printed instead.
-
-    Horovod 0.28.1: `horovod.runner.launch._check_all_hosts_ssh_successful(host_addresses,
-    ssh_port, ssh_identity_file, fn_cache=...)` and `launch.SSH_CONNECT_TIMEOUT_S`;
-    `horovod.runner.driver.driver_service.get_common_interfaces(settings, all_host_names,
-    remote_host_names, fn_cache)`; `launch.gloo_run(settings, nics, env, server_ip, command)` and
-    `launch.gloo_run_elastic(settings, env, command, executable)`; `launch.network.get_driver_ip(nics)`
-    (`horovod.runner.util.network`); and `mpi_run`'s last step,
-    `os.execve("/bin/sh", ["/bin/sh", "-c", MPIRUN_COMMAND], env)`, replaced for this process.
-    """
-
-    def check_ssh(host_addresses, ssh_port=None, ssh_identity_file=None, fn_cache=None):
-        print("# horovodrun checks ssh to each remote host (its other ssh commands take the same options):")
-        for host in host_addresses:
-            print(remote.get_remote_command("true", host, ssh_port, ssh_identity_file, launch.SSH_CONNECT_TIMEOUT_S))
-        return True
-
-    find_interfaces = launch.driver_service.get_common_interfaces
-
-    def common_interfaces(settings, all_host_names, remote_host_names=None, fn_cache=None):
-        if remote_host_names and not settings.nics:
-            print("# horovodrun then finds the network interfaces all hosts share, over the same ssh; NICS below stands for them")
-            return ["NICS"]
-        return find_interfaces(settings, all_host_names, remote_host_names, fn_cache)
-
-    def gloo_ranks(settings, nics, env, server_ip, command):
-        names = [host.rsplit(":", 1)[0] for host in settings.hosts.split(",")]
-        remote_hosts = launch.network.filter_local_addresses(names)
-        print(f"# horovodrun starts each rank itself (Gloo){'; on a remote host over ssh:' if remote_hosts else ', all on this host'}")
-        for host in remote_hosts:
-            print(remote.get_remote_command("RANK-COMMAND", host, settings.ssh_port, settings.ssh_identity_file))
-
-    def elastic_ranks(settings, env, command, executable):
-        print("# horovodrun's elastic driver runs the discovery script and starts each rank on a host it names; on a remote host over ssh:")
-        print(remote.get_remote_command("RANK-COMMAND", "HOST", settings.ssh_port, settings.ssh_identity_file))
-
-    def print_mpirun(path, args, env):
-        print("# horovodrun starts the ranks with:")
-        print(args[-1])
-
-    launch._check_all_hosts_ssh_successful = check_ssh
-    launch.driver_service.get_common_interfaces = common_interfaces
-    launch.network.get_driver_ip = lambda nics: "DRIVER-IP"  # Gloo's rendezvous address; NICS may stand in for nics
-    launch.gloo_run = gloo_ranks
-    launch.gloo_run_elastic = elastic_ranks
-    os.execve = print_mpirun
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def _host(match: re.Match | None) -> Host | None:
     return Host(match.group(1), int(match.group(2)))
 
 
-def _refuse_repeats(hosts: list[Host], where: list[str]) -> tuple[Host, ...]:
+def refuse_repeats(hosts: list[Host], where: list[str]) -> tuple[Host, ...]:
     # A repeated name is almost always a copy-paste slip; summing its slots silently would hide it.
     first: dict[str, str] = {}
     for host, place in zip(hosts, where):
@@ -77,7 +77,7 @@ def parse_host_list(text: str) -> tuple[Host, ...]:
         if host is None:
             raise ValueError(f"`-H` entries must be `host:N` with N >= 1. Received: -H={text} (entry {entry!r})")
         hosts.append(host)
-    return _refuse_repeats(hosts, [f"-H entry {i}" for i in range(1, len(hosts) + 1)])
+    return refuse_repeats(hosts, [f"-H entry {i}" for i in range(1, len(hosts) + 1)])
 
 
 def parse_hostfile(text: str, source: str = "<hostfile>") -> tuple[Host, ...]:
@@ -106,7 +106,7 @@ def parse_hostfile(text: str, source: str = "<hostfile>") -> tuple[Host, ...]:
         where.append(f"{source}:{number}")
     if not hosts:
         raise ValueError(f"`--hostfile` must name at least one host. Received: {source} with no host lines")
-    return _refuse_repeats(hosts, where)
+    return refuse_repeats(hosts, where)
 
 
 def read_hostfile(path: str | Path) -> tuple[Host, ...]:

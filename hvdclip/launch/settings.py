@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from hvdclip.launch.hosts import Host, _refuse_repeats, total_slots
+from hvdclip.launch.hosts import Host, refuse_repeats, total_slots
 from hvdclip.validation import check_bool, check_int, check_number, check_strings
 
 __all__ = ["BACKENDS", "CONTROLLERS", "DEFAULT_ELASTIC_TIMEOUT_S", "DEFAULT_MCA", "DEFAULT_SSH_OPTIONS", "LaunchSettings"]
@@ -125,7 +125,7 @@ class LaunchSettings:
             raise ValueError(f"`--gloo` needs `--backend horovodrun`. Received: --gloo with --backend={self.backend}")
         if not isinstance(self.hosts, tuple) or not all(isinstance(host, Host) for host in self.hosts):
             raise TypeError(f"`hosts` must be a tuple of Host, e.g. (Host('node1', 4),). Received: hosts={self.hosts!r}")
-        _refuse_repeats(list(self.hosts), [f"hosts[{i}]" for i in range(len(self.hosts))])
+        refuse_repeats(list(self.hosts), [f"hosts[{i}]" for i in range(len(self.hosts))])
         if self.hosts and self.num_proc > total_slots(self.hosts):
             hosts = ",".join(map(str, self.hosts))
             raise ValueError(

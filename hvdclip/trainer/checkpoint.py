@@ -24,7 +24,7 @@ save leaves the previous checkpoint as the latest one.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np

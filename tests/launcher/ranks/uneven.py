@@ -14,7 +14,6 @@ import os
 import sys
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
