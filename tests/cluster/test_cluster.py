@@ -156,9 +156,9 @@ def test_a_checkpoint_saved_on_one_host_resumes_bit_exactly(flags, hosts, tmp_pa
         assert np.array_equal(a, b), "resuming from the checkpoint must give the uninterrupted run's weights"
 
 
-def start_hanging_job(cluster, flags, out: Path, marker: str) -> subprocess.Popen:
+def start_hanging_job(cluster, flags, out: Path, marker: str, door: str = "trainer") -> subprocess.Popen:
     proc = cluster.popen(
-        "h1", hvdclip_run(cluster, flags, "hang", str(out), marker), cwd=REPO,
+        "h1", hvdclip_run(cluster, flags, "hang", str(out), marker, door), cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -188,10 +188,16 @@ def launcher_exit(proc: subprocess.Popen, start: float, bound_s: float, what: st
     return proc.returncode, time.monotonic() - start, err
 
 
-@pytest.mark.parametrize("flags", WITH_DEFAULT.values(), ids=WITH_DEFAULT.keys())
-def test_a_lost_host_ends_the_job_promptly_leaving_no_process_on_any_host(flags, hosts, tmp_path):
+# The trainer under every backend; the other two doors (Keras fit, your own loop) under the default.
+FAILURE_CASES = [pytest.param(flags, "trainer", id=name) for name, flags in WITH_DEFAULT.items()] + [
+    pytest.param([], door, id=f"default-{door.replace(' ', '-')}") for door in ("fit", "own loop")
+]
+
+
+@pytest.mark.parametrize("flags, door", FAILURE_CASES)
+def test_a_lost_host_ends_the_job_promptly_leaving_no_process_on_any_host(flags, door, hosts, tmp_path):
     marker = uuid.uuid4().hex
-    proc = start_hanging_job(hosts, flags, tmp_path, marker)
+    proc = start_hanging_job(hosts, flags, tmp_path, marker, door)
     ranks = [pid for pid in marked(hosts, "h2", marker) if Path(f"/proc/{pid}/cmdline").read_bytes().count(JOB.encode())]
     start = time.monotonic()
     for pid in marked(hosts, "h2", marker):  # the host is lost: every process of the job on it dies at once
@@ -206,10 +212,10 @@ def test_a_lost_host_ends_the_job_promptly_leaving_no_process_on_any_host(flags,
         assert left
 
 
-@pytest.mark.parametrize("flags", WITH_DEFAULT.values(), ids=WITH_DEFAULT.keys())
-def test_a_partition_ends_the_launcher_and_the_cut_off_ranks_by_themselves(flags, hosts, tmp_path):
+@pytest.mark.parametrize("flags, door", FAILURE_CASES)
+def test_a_partition_ends_the_launcher_and_the_cut_off_ranks_by_themselves(flags, door, hosts, tmp_path):
     marker = uuid.uuid4().hex
-    proc = start_hanging_job(hosts, flags, tmp_path, marker)
+    proc = start_hanging_job(hosts, flags, tmp_path, marker, door)
     cut_off = marked(hosts, "h2", marker)
     start = time.monotonic()
     hosts.link("h2", up=False)  # no --timeout: only the failure-detection defaults end this

@@ -3,7 +3,8 @@
     job.py steps OUT MARKER       4 ranks, batch B each: 30 train_step calls on rows [4B*s + rank*B, ...)
     job.py reference OUT          1 process, the combined 4B batch, the same clipping, Adam: weights
     job.py fit OUT MARKER EPOCHS [--resume]   fit with a checkpoint per epoch (rank 0 saves, on its host)
-    job.py hang OUT MARKER        train until killed (for the host-loss and partition tests)
+    job.py hang OUT MARKER DOOR   train until killed (for the host-loss and partition tests), through
+                                  DOOR: "trainer", "fit" (Keras fit) or "own loop" (a tf.function loop)
 
 Rank 0 writes OUT/final.npz and OUT/checksums.npy (every rank's weight checksum, allgathered). Each rank
 writes OUT/host.<rank> (its host name) when it starts training and OUT/step.<rank> as it goes. MARKER only
@@ -23,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from support import allgather, checksum, make_data, make_mlp  # noqa: E402
 
 import hvdclip  # noqa: E402
+import hvdclip.keras  # noqa: E402
 
 BATCH, STEPS, RANKS, MAX_NORM = 8, 30, 4, 1.0
 
@@ -89,17 +91,45 @@ def fit(out, epochs, resume):
     finish(out, job)
 
 
-def hang(out):
+def hang(out, door):
     x, y = make_data(seed=5, n=64)
-    job = trainer()
     announce(out)
-    step = 0
-    while True:  # ended by the test: a lost host, a cut link, the watchdog
-        job.train_step(x[:BATCH], y[:BATCH])
-        step += 1
+    progress = {"step": 0}
+
+    def stepped():
+        progress["step"] += 1
         with open(os.path.join(out, f"step.{hvdclip.rank()}"), "w") as f:
-            f.write(f"{step} {time.time()!r}")
+            f.write(f"{progress['step']} {time.time()!r}")
         time.sleep(0.05)
+
+    if door == "trainer":
+        job = trainer()
+        while True:  # ended by the test: a lost host, a cut link, the watchdog
+            job.train_step(x[:BATCH], y[:BATCH])
+            stepped()
+    batches = tf.data.Dataset.from_tensor_slices((x[:BATCH], y[:BATCH])).batch(BATCH).repeat()
+    if door == "fit":
+        model = make_mlp(seed=3)
+        model.compile(optimizer=hvdclip.keras.DistributedOptimizer(keras.optimizers.Adam(1e-2)), loss="mse")
+        hook = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: stepped())
+        model.fit(batches, steps_per_epoch=10**9, verbose=0,
+                  callbacks=[hvdclip.keras.callbacks.BroadcastGlobalVariablesCallback(0), hook])  # fmt: skip
+    elif door == "own loop":
+        model = make_mlp(seed=3)
+        clipper = hvdclip.Clipper(keras.optimizers.Adam(1e-2), hvdclip.clip_by_global_norm(MAX_NORM))
+        clipper.broadcast_initial_state(model)
+
+        @tf.function
+        def step(xb, yb):
+            with tf.GradientTape() as tape:
+                loss = keras.losses.MeanSquaredError()(yb, model(xb, training=True))
+            tape = hvdclip.DistributedGradientTape(tape, clipper)
+            return tape.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+
+        for xb, yb in batches:
+            step(xb, yb)
+            stepped()
+    raise SystemExit(f"job.py: unknown door {door!r}")
 
 
 def main():
@@ -112,7 +142,7 @@ def main():
     elif mode == "fit":
         fit(out, int(sys.argv[4]), "--resume" in sys.argv)
     elif mode == "hang":
-        hang(out)
+        hang(out, sys.argv[4] if len(sys.argv) > 4 else "trainer")
     else:
         raise SystemExit(f"job.py: unknown mode {mode!r}")
 
