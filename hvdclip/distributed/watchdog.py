@@ -108,8 +108,10 @@ class CollectiveMarker:
 
         self.name = name
         self._tf = tf
-        self._entries = tf.Variable(0, dtype=tf.int64, trainable=False, name="hvdclip_watchdog_entries")
-        self._where = tf.Variable([0, 0], dtype=tf.int64, trainable=False, name="hvdclip_watchdog_marker")
+        # On the host: a read of a GPU variable would queue behind the very kernel that is stuck.
+        with tf.device("/CPU:0"):
+            self._entries = tf.Variable(0, dtype=tf.int64, trainable=False, name="hvdclip_watchdog_entries")
+            self._where = tf.Variable([0, 0], dtype=tf.int64, trainable=False, name="hvdclip_watchdog_marker")
         self.first = True
 
     def enter(self, step: Any) -> Any:

@@ -2,10 +2,12 @@
 
 hvdclip never XLA-compiles a step that holds its collectives:
 
-* Horovod 0.28.1's collectives have no XLA kernels on CPU; on GPU, with `HOROVOD_ENABLE_XLA_OPS=1`,
-  only `HorovodAllreduce` has one (upstream PR #3053): not the grouped allreduce of hvdclip's
-  default one-group reduction, not the allgather that carries sparse (embedding) gradients, not
-  the broadcast. A step that reaches one of those fails to compile with an OpKernel error.
+* Horovod's collectives have no XLA kernels in hvdclip's build. Upstream, Horovod 0.28.1 has one for
+  `HorovodAllreduce` alone, on GPU, behind `HOROVOD_ENABLE_XLA_OPS=1` (PR #3053): not for the
+  grouped allreduce of hvdclip's default one-group reduction, the allgather that carries sparse
+  (embedding) gradients, or the broadcast. Its source does not build against TensorFlow >= 2.16,
+  so `docker/install_python.sh` compiles it out. A step that reaches a collective under XLA fails
+  to compile with an OpKernel error.
 * Where it does compile, XLA clusters the reduction with the backward pass, and Horovod then
   learns of the gradients only when the cluster ends: the overlap of communication with
   computation is lost (horovod#1283, #1673 report 90 % scaling efficiency falling to 78 %).
