@@ -332,15 +332,18 @@ def serialized_dataset_graph(dataset: Any) -> bytes:
 
 
 _REQUESTED_JIT = "_hvdclip_requested_jit_compile"
+_AFTER_COMPILE: list = []
 
 
-def record_compile_arguments() -> None:
+def record_compile_arguments(after: Any = None) -> None:
     """Makes every model remember the `jit_compile` given to `compile` ("auto" when none was), once per process.
 
     Keras resolves "auto" (True on a GPU when every layer supports XLA) and keeps only the result,
     so after `compile` an explicit True cannot be told from Keras' default. The wrapper records the
-    argument and calls Keras' own `compile` unchanged.
+    argument, calls Keras' own `compile` unchanged, then each `after(model)` hook given here.
     """
+    if after is not None and after not in _AFTER_COMPILE:
+        _AFTER_COMPILE.append(after)
     import functools
     import inspect
 
@@ -362,6 +365,8 @@ def record_compile_arguments() -> None:
         bound.apply_defaults()
         result = original(self, *args, **kwargs)
         object.__setattr__(self, _REQUESTED_JIT, bound.arguments["jit_compile"])
+        for hook in _AFTER_COMPILE:
+            hook(self)
         return result
 
     setattr(compile, _REQUESTED_JIT, True)

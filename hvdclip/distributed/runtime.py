@@ -5,12 +5,14 @@ Importing hvdclip initialises nothing; `init()` does, once per process.
 
 from __future__ import annotations
 
+import os
+
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
 from hvdclip.errors import NotInitializedError
 
-__all__ = ["init", "is_initialized", "require_initialized", "rank", "size", "local_rank"]
+__all__ = ["init", "is_initialized", "launched_elastically", "require_initialized", "rank", "size", "local_rank"]
 
 _LAUNCH_HINT = (
     "launch with `hvdclip-run -np 2 -- python train.py` (or `horovodrun -np 2 python train.py`) "
@@ -38,6 +40,11 @@ def init() -> None:
         gpu = gpus[hvd.local_rank() % len(gpus)]
         tf.config.experimental.set_memory_growth(gpu, True)
         tf.config.set_visible_devices(gpu, "GPU")
+
+
+def launched_elastically() -> bool:
+    """Whether this process is a worker of an elastic job (`hvdclip-run --elastic`, horovodrun's elastic mode)."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
 
 
 def is_initialized() -> bool:

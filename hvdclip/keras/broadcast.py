@@ -6,20 +6,19 @@ import keras
 
 from hvdclip.distributed.collectives import broadcast_from_root
 from hvdclip.distributed.runtime import require_initialized
-from hvdclip.keras import train_function, xla
+from hvdclip.keras import xla
 from hvdclip.keras.optimizer import DistributedOptimizer
 
 __all__ = ["broadcast_initial_state", "prepare_fit"]
 
 
 def broadcast_initial_state(model: keras.Model) -> None:
-    """Builds the compiled model's optimizer, sends rank 0's weights, optimizer slots and clip state, and
-    gives the model hvdclip's train function (`hvdclip.keras.train_function`).
+    """Builds the compiled model's optimizer and sends rank 0's weights, optimizer slots and clip state.
 
-    Call it on every rank after `model.compile` (and after loading any checkpoint) and before
-    training, or let `BroadcastGlobalVariablesCallback` call it when `fit` starts. With a plain
-    Keras optimizer it broadcasts the model's and the optimizer's variables, as Horovod's callback
-    does. A second call sends nothing.
+    With hvdclip's `DistributedOptimizer`, `fit` does this itself just before its first step (its
+    train function, `hvdclip.keras.train_function`); call it yourself to send the state earlier
+    (after loading a checkpoint on rank 0, say). With a plain Keras optimizer it broadcasts the
+    model's and the optimizer's variables, as Horovod's callback does. A second call sends nothing.
 
     Raises:
         RankMismatchError: on every rank, if the ranks built different models.
@@ -40,7 +39,7 @@ def broadcast_initial_state(model: keras.Model) -> None:
 
 
 def prepare_fit(model: keras.Model) -> keras.optimizers.Optimizer:
-    """Checks a compiled model before `fit`'s first step and installs hvdclip's train function; no collective.
+    """Checks a compiled, built model before `fit`'s first step; no collective.
 
     Returns the model's optimizer. Raises as `broadcast_initial_state` says.
     """
@@ -62,8 +61,8 @@ def prepare_fit(model: keras.Model) -> keras.optimizers.Optimizer:
         )
     if not model.built:
         raise ValueError(
-            f"`model` {model.name!r} is not built yet: call it on a batch or `model.build(input_shape)` first "
-            "(in fit, Keras builds it from the first batch before any callback runs)."
+            f"`model` {model.name!r} is not built yet: give it a keras.Input, call it on a batch or "
+            "`model.build(input_shape)` first (with hvdclip's DistributedOptimizer, fit builds it from the first batch)."
         )
     if not isinstance(optimizer, DistributedOptimizer):
         return optimizer
@@ -75,5 +74,4 @@ def prepare_fit(model: keras.Model) -> keras.optimizers.Optimizer:
             "keras.optimizers.LossScaleOptimizer. Received: an optimizer made under the float32 policy"
         )
     xla.check_fit_compile(model)
-    train_function.install(model)
     return optimizer

@@ -35,6 +35,7 @@ import tensorflow as tf
 from hvdclip.core.step import Clipper
 from hvdclip.core.step_sums import StepSums
 from hvdclip.distributed.reduction import Reduction
+from hvdclip.distributed.runtime import launched_elastically
 from hvdclip.errors import HvdClipError
 from hvdclip.transforms.base import GradientTransform
 from hvdclip.validation import check_bool, check_int
@@ -192,7 +193,9 @@ class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
     def apply(self, grads, trainable_variables=None):
         if not self.built:
             self.build(trainable_variables)
-        if not self.state_broadcast:
+        if not self.state_broadcast and not launched_elastically():
+            # In an elastic job the state's sync broadcasts (Horovod's elastic Keras scripts warm up
+            # with a step before it); elsewhere a step before the broadcast trains the ranks apart.
             raise HvdClipError(
                 "hvdclip.keras.DistributedOptimizer ran a step before rank 0's weights reached the other ranks, "
                 "which would train them apart: pass callbacks=[hvdclip.keras.callbacks.BroadcastGlobalVariablesCallback(0)] "

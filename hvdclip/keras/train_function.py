@@ -1,17 +1,23 @@
-"""hvdclip's train function for Keras `fit`: Keras' own `train_step`, with the ranks' data kept in step.
+"""hvdclip's train function for Keras `fit`: Keras' own `train_step`, started right and kept in step.
 
 Keras' `fit` calls `model.train_function(iterator)` once per step; its own takes the next batch
-and runs `train_step`. A rank whose data ends first would end its epoch while the others wait in
-the gradient allreduce for ever. hvdclip's replaces it (`install`, run by
-`BroadcastGlobalVariablesCallback` and `broadcast_initial_state`) with one that runs the same
-`model.train_step`, compiled once, over `hvdclip.Lockstep`:
+and runs `train_step`. `compile` with hvdclip's `DistributedOptimizer` installs this one instead
+(`foreign.record_compile_arguments` runs the hook after Keras' own `compile`), which runs the same
+`model.train_step`, compiled once:
 
-* at each epoch's start the ranks agree on its length (one allgather of each rank's number of
-  batches, which the callback reads from Keras): known and equal, every rank runs them; known
-  but different, every rank runs the shortest rank's (rank 0 warns with each rank's count);
-  unknown on some rank, every rank runs until the first step after which some rank has none left;
-* every step carries this rank's "I have a next batch" in its gradient allreduce (the vote), so a
-  count that was wrong still ends every rank's epoch together instead of hanging one;
+* **start-up, before the first step**: the checks (`hvdclip.keras.broadcast.prepare_fit`); then,
+  unless something has already sent it (`BroadcastGlobalVariablesCallback`, an elastic state's
+  sync), the one broadcast of rank 0's state. A model without an `Input`, which Keras builds only
+  when it traces the first step, is first built from the first batch, so its variables exist to
+  be sent. No step ever runs on weights that differ between ranks.
+* **every rank's epochs in step**, over `hvdclip.Lockstep`: at each epoch's start the ranks agree
+  on its length (one allgather of each rank's number of batches, which
+  `BroadcastGlobalVariablesCallback` reads from Keras; without it the length counts as unknown):
+  known and equal, every rank runs them; known but different, every rank runs the shortest
+  rank's (rank 0 warns with each rank's count); unknown on some rank, every rank runs until the
+  first step after which some rank has none left. Every step also carries this rank's "I have a
+  next batch" in its gradient allreduce (the vote), so a count that was wrong still ends every
+  rank's epoch together instead of hanging one;
 * when the epoch ends early on a rank, the function raises `StopIteration`, which is how Keras'
   own train function ends an epoch.
 
@@ -27,8 +33,11 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from hvdclip import foreign
 from hvdclip.core.lockstep import UNKNOWN, EpochLength, Lockstep, agree_epoch_length
-from hvdclip.distributed.runtime import rank
+from hvdclip.distributed.runtime import launched_elastically, rank
+from hvdclip.keras.broadcast import broadcast_initial_state, prepare_fit
+from hvdclip.keras.optimizer import DistributedOptimizer
 
 __all__ = ["TrainFunction", "install"]
 
@@ -58,12 +67,25 @@ class TrainFunction:
             self._length.warn_if_uneven()
             self._warned = True
 
+    def _start(self, data: Any) -> None:
+        """Before the first step: the checks, then (unless it already happened) the start-up broadcast."""
+        if not self.model.built:  # A model without `Input`: Keras would build it while tracing the step.
+            self.model(data[0] if isinstance(data, (tuple, list)) else data)
+        prepare_fit(self.model)
+        if not self.optimizer.state_broadcast and not launched_elastically():
+            broadcast_initial_state(self.model)
+
+    def _step(self, data: Any, has_data: Any) -> Any:
+        if not self.optimizer.built or not self.optimizer.state_broadcast:
+            self._start(data)
+        return self._compiled(data, has_data)
+
     def __call__(self, iterator: Any) -> Any:
         if not isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
             # `train_on_batch` and friends: a Python iterator of the given batch, on every rank alike.
             logs = None
             for _, data in zip(range(self.model.steps_per_execution), iterator):
-                logs = self._compiled(data, None)
+                logs = self._step(data, None)
             return logs
         if iterator is not self._iterator:  # A new pass over the data (Keras keeps one across epochs with steps_per_epoch).
             self._iterator = iterator
@@ -77,7 +99,7 @@ class TrainFunction:
             item = next(self._batches, None)
             if item is None:
                 break
-            logs = self._compiled(*item)
+            logs = self._step(*item)
             self._done += 1
         if logs is None:
             self._iterator = None  # Keras starts the next epoch with a new iterator.
@@ -85,8 +107,10 @@ class TrainFunction:
         return logs
 
 
-def install(model: keras.Model) -> TrainFunction:
-    """Makes hvdclip's train function `model`'s (after `compile`; Keras' `fit` then keeps it)."""
-    if not isinstance(model.train_function, TrainFunction):
+def install(model: keras.Model) -> None:
+    """After `model.compile`: hvdclip's train function, if the model's optimizer is hvdclip's (Keras keeps it)."""
+    if isinstance(getattr(model, "optimizer", None), DistributedOptimizer):
         model.train_function = TrainFunction(model)
-    return model.train_function
+
+
+foreign.record_compile_arguments(after=install)

@@ -32,7 +32,6 @@ from hvdclip.distributed.runtime import rank
 
 __all__ = ["check_fit_compile"]
 
-foreign.record_compile_arguments()  # Before any model is compiled with this module's users' optimizer.
 _warned_models: set[int] = set()
 
 

@@ -22,7 +22,6 @@ per-example rate (the rate is proportional to the number of ranks, as the linear
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import time
@@ -43,7 +42,7 @@ from hvdclip.errors import CheckpointError, ElasticResetError
 from hvdclip.keras.schedules import ScaledWarmup
 from hvdclip.validation import check_int
 
-__all__ = ["Elastic", "ElasticState", "launched_elastically", "rescale_learning_rate", "run_elastic"]
+__all__ = ["Elastic", "ElasticState", "rescale_learning_rate", "run_elastic"]
 
 LEARNING_RATE_RULES = ("scale", "keep")
 
@@ -85,11 +84,6 @@ def check_elastic(value: Any) -> Elastic | None:
     if value is True:
         return Elastic()
     raise TypeError(f"`elastic` must be an hvdclip.Elastic(...), True, False or None. Received: elastic={value!r}")
-
-
-def launched_elastically() -> bool:
-    """Whether this process is a worker of an elastic job (`hvdclip-run --elastic`, horovodrun's elastic mode)."""
-    return os.environ.get("HOROVOD_ELASTIC") == "1"
 
 
 def _scaled_warmup(optimizer: Any) -> ScaledWarmup | None:

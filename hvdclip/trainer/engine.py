@@ -206,9 +206,7 @@ class Engine:
             self._window_sums = restored.window_sums
             return int(self.fit_state.global_step.numpy()), restored.window_ranks
 
-        from hvdclip.trainer.elastic import launched_elastically
-
-        if launched_elastically():
+        if runtime.launched_elastically():
             # A rank that joins a running elastic job gets here while the others are in a sync, so no
             # collective: the first sync reads the checkpoint on rank 0 (a joining rank is never rank 0
             # while an older host lives: Horovod ranks the oldest hosts first) and sends it to all.

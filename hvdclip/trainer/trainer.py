@@ -28,7 +28,7 @@ from hvdclip.distributed.rank_zero import on_rank_zero, writable_directory
 from hvdclip.distributed.reduction import Reduction
 from hvdclip.trainer.config import FitConfig
 from hvdclip.trainer.data import InputPlan, check_batch
-from hvdclip.trainer.elastic import check_rescalable, launched_elastically
+from hvdclip.trainer.elastic import check_rescalable
 from hvdclip.trainer.engine import Engine
 from hvdclip.trainer.evaluation import Evaluator, check_metrics
 from hvdclip.trainer.loop import fit as run_fit
@@ -235,7 +235,7 @@ class HvdClipTrainer:
             validation_metrics=validation_metrics, callbacks=callbacks, class_weight=class_weight, verbose=verbose,
             elastic=elastic, rank=runtime.rank(), size=runtime.size(),
         )  # fmt: skip
-        if config.elastic is not None and not launched_elastically():
+        if config.elastic is not None and not runtime.launched_elastically():
             if runtime.rank() == 0:
                 warnings.warn(
                     "fit(elastic=...) in a job that was not launched elastically: training without elastic recovery. "

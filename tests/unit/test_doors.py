@@ -164,14 +164,31 @@ def test_class_weight_and_numpy_input_reach_the_loss():
     assert run({0: 1.0, 1: 1.0}) != run({0: 1.0, 1: 5.0}), "class_weight must change the gradient the door reduces"
 
 
-def test_the_fit_door_refuses_to_train_before_the_broadcast():
+def test_the_fit_door_broadcasts_before_its_first_step_even_without_the_callback():
     model = make_mlp(seed=2)
-    model.compile(optimizer=hvdclip.keras.DistributedOptimizer(keras.optimizers.SGD()), loss="mse", jit_compile=False)
+    model.compile(optimizer=hvdclip.keras.DistributedOptimizer(keras.optimizers.SGD()), loss="mse")
+    model.fit(X, Y, batch_size=BATCH, verbose=0)  # No BroadcastGlobalVariablesCallback.
+    assert model.optimizer.clipper.broadcast_count == 1 and model.optimizer.state_broadcast
+    model.fit(X, Y, batch_size=BATCH, verbose=0)
+    assert model.optimizer.clipper.broadcast_count == 1, "a second fit sends nothing"
+
+
+def test_a_step_outside_fit_before_the_broadcast_is_refused():
+    model = make_mlp(seed=2)
+    optimizer = hvdclip.keras.DistributedOptimizer(keras.optimizers.SGD())
     with pytest.raises(HvdClipError, match=r"BroadcastGlobalVariablesCallback\(0\)"):
-        model.fit(X, Y, batch_size=BATCH, verbose=0)
-    hvdclip.keras.broadcast_initial_state(model)
-    model.fit(X, Y, batch_size=BATCH, verbose=0, epochs=1)
-    assert model.optimizer.clipper.broadcast_count == 1
+        optimizer.apply([tf.zeros_like(v) for v in model.trainable_variables], model.trainable_variables)
+
+
+def test_a_model_that_fit_builds_on_its_first_batch_starts_from_rank_0s_weights():
+    """Horovod's examples build Sequential models without an Input: Keras builds them while tracing the
+    first step, after every callback's on_train_begin. The train function builds it first, then broadcasts."""
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
+    model.compile(optimizer=hvdclip.keras.DistributedOptimizer(keras.optimizers.SGD(0.01)), loss="mse")
+    assert not model.built
+    model.fit(X, Y, batch_size=BATCH, verbose=0, callbacks=[hvdclip.keras.callbacks.BroadcastGlobalVariablesCallback(0)])
+    assert model.built and model.optimizer.clipper.broadcast_count == 1
 
 
 def test_an_explicit_jit_compile_true_is_refused_before_any_step():

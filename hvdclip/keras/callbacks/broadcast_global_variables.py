@@ -7,23 +7,26 @@ import keras
 
 from hvdclip.keras import train_function
 from hvdclip.keras.broadcast import broadcast_initial_state, prepare_fit
+from hvdclip.keras.optimizer import DistributedOptimizer
 from hvdclip.validation import check_int
 
 __all__ = ["BroadcastGlobalVariablesCallback"]
 
 
 class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
-    """Sends rank 0's weights, optimizer slots and clip state to every rank just before the first step.
+    """Starts every rank from rank 0's weights, optimizer slots and clip state, before any step.
 
-    Horovod's callback of the same name broadcasts after the first batch, once the optimizer has
-    made its slots, so rank 0's first step was already applied while the others' was not. Keras 3
-    builds the model (from fit's first batch, if it has no `Input`) and the optimizer before any
-    callback runs, so this one broadcasts at the first batch's *begin*: after every callback's
-    `on_train_begin` (a `BackupAndRestore` or a load on rank 0 reaches every rank), before any
-    step, and never again (a second `fit` on the same model sends nothing). Its checks (compiled,
-    built, XLA, mixed precision) run at `on_train_begin`. With hvdclip's `DistributedOptimizer`
-    it also keeps the ranks' epochs in step: at each epoch's start the ranks agree on its length
-    from each one's number of batches (`hvdclip.keras.train_function`).
+    Horovod's callback of the same name broadcasts after the first batch, so each rank's first step
+    is applied to its own weights. With hvdclip's `DistributedOptimizer` the broadcast happens just
+    before the first step instead, inside hvdclip's train function: after every callback's
+    `on_train_begin` (a `BackupAndRestore`, or a load on rank 0, reaches every rank) and after Keras
+    has built a model without `Input` from the first batch; never again (a second `fit` sends
+    nothing). This callback then checks the model at `on_train_begin` (compiled, XLA, mixed
+    precision) and, at each epoch's start, gives the train function Keras' count of this rank's
+    batches, so the ranks agree on the epoch's length (`hvdclip.keras.train_function`). With a
+    plain Keras optimizer it broadcasts at the first batch's begin (the model must be built by
+    then: give it a `keras.Input`). It implements no batch-*end* hook, which would make Keras read
+    every step's logs back from the device before the next step.
 
     Args:
         root_rank: the rank whose state every rank starts from; hvdclip supports 0 only (the
@@ -46,11 +49,13 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
         self._sent = False
 
     def on_train_begin(self, logs=None):
-        prepare_fit(self.model)
-        self._sent = False
+        self._ours = isinstance(self.model.optimizer, DistributedOptimizer)
+        self._sent = self._ours  # hvdclip's train function sends it, just before the first step.
+        if self._ours and self.model.built:
+            prepare_fit(self.model)  # Its checks now, before the first epoch's agreements.
 
     def on_train_batch_begin(self, batch, logs=None):
-        if not self._sent:
+        if not self._sent:  # A plain Keras optimizer: hvdclip's train function is not there to send it.
             broadcast_initial_state(self.model)
             self._sent = True
 
