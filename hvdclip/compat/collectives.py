@@ -182,7 +182,8 @@ def _broadcast_group(variables: list[tf.Variable], root_rank: int, process_set, 
         digest = tf.constant([_structure_digest(variables)], tf.int64)
         everyone = hvd.allgather(digest, name="structure", process_set=process_set)
         # Every rank sees every digest, so every rank reaches the same verdict: none waits alone.
-        same = tf.debugging.Assert(tf.reduce_all(tf.equal(everyone, digest[0])), [_MISMATCH, everyone])
+        # The bare op, not tf.debugging.Assert's guarded form, whose cond grappler warns about.
+        same = tf.raw_ops.Assert(condition=tf.reduce_all(tf.equal(everyone, digest[0])), data=[_MISMATCH, everyone])
         with tf.control_dependencies([same]):
             assigns = [
                 variable.assign(hvd.broadcast(variable, root_rank, name=f"variable_{position}", process_set=process_set))

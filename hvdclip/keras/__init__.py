@@ -8,7 +8,6 @@ does with it.
 """
 
 from hvdclip.compat.collectives import Adasum, Average, Compression, Sum
-from hvdclip.compat.keras_collectives import allgather, allreduce, broadcast, broadcast_global_variables, reducescatter
 from hvdclip.compat.process_sets import ProcessSet, add_process_set, global_process_set, remove_process_set
 from hvdclip.compat.runtime import (
     ccl_built,
@@ -38,7 +37,11 @@ from hvdclip.keras import callbacks
 from hvdclip.keras.broadcast import broadcast_initial_state
 from hvdclip.keras.optimizer import DistributedOptimizer
 from hvdclip.keras.schedules import ScaledWarmup
-from hvdclip.keras import elastic  # Last: it imports hvdclip.trainer, which imports hvdclip.keras.schedules.
+from hvdclip.keras import elastic  # After the above: it imports hvdclip.trainer, which imports hvdclip.keras.schedules.
+
+# After `hvdclip.keras.broadcast` (the module of broadcast_initial_state) has loaded, which binds the
+# package's attribute `broadcast` to itself: the name is Horovod's function.
+from hvdclip.compat.keras_collectives import allgather, allreduce, broadcast, broadcast_global_variables, reducescatter
 
 __all__ = [
     "Adasum",
