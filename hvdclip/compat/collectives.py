@@ -98,6 +98,11 @@ def broadcast_variables(variables: Iterable, root_rank: int, process_set=global_
     _check_process_set(process_set)
     check_bool("inplace", inplace)
     if tf.executing_eagerly():
+        if process_set.size() == 1:
+            # Nothing to send. Also, a compiled group first run in a world of one rank, when run
+            # again after an elastic job grew, never enqueued its structure allgather (Horovod
+            # 0.28.1, TensorFlow 2.21, Horovod's trace log), and the new rank waited for it forever.
+            return None
         try:
             _broadcast_group_compiled(variables, root_rank, process_set)
         except tf.errors.InvalidArgumentError as error:
