@@ -83,3 +83,45 @@ def test_keras_fit_with_horovods_callbacks_equals_one_process_then_load_model(tm
     assert sorted(path.name for path in tmp_path.iterdir()) == ["best-rank0.keras"], "only rank 0 writes checkpoints"
     assert output.count("finished gradual learning rate warmup to 0.04") == 1, "rank 0 says so, once"
     assert_all_checks_pass(results)
+
+
+def elastic_launch(tmp_path: Path) -> tuple[tuple[str, ...], str]:
+    """hvdclip-run's flags for an elastic job on this machine that starts with one slot listed.
+
+    The job's rank 0 rewrites the hosts file to two slots (jobs/grow.py). `--network-interface lo`:
+    with one host, Horovod's elastic driver has no second host to find a common interface with.
+    """
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:1\n")
+    discover = tmp_path / "discover_hosts.sh"
+    discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
+    discover.chmod(0o755)
+    launch = (
+        "--elastic", "--min-np", "1", "--max-np", "2", "--host-discovery-script", str(discover),
+        "--network-interface", "lo", "--elastic-timeout", "120",
+    )  # fmt: skip
+    return launch, str(hosts)
+
+
+def test_elastic_own_loop_grows_and_the_new_rank_gets_the_state(tmp_path):
+    launch, hosts = elastic_launch(tmp_path)
+    results, output = run_job("elastic_own_loop.py", hosts, launch=launch)
+    assert sorted(results) == [0, 1], output[-3000:]
+    assert results[0]["resets"] == [2] and not results[0]["joined"], "rank 0 started alone and reset once, to 2 ranks"
+    assert results[1]["resets"] == [] and results[1]["joined"], "rank 1 joined with weights of its own, and got rank 0's"
+    for result in results.values():
+        assert result["size"] == 2 and result["finished_at"] == 16 and result["identical"], result
+        assert result["error"] <= TOLERANCE, f"the elastic loop differs from one process on the combined batch by {result['error']}"
+
+
+def test_elastic_keras_fit_grows_and_the_new_rank_gets_the_clip_state(tmp_path):
+    launch, hosts = elastic_launch(tmp_path)
+    results, output = run_job("elastic_keras.py", hosts, launch=launch)
+    assert sorted(results) == [0, 1], output[-3000:]
+    assert results[0]["resets"] == [2] and not results[0]["joined"]
+    assert results[1]["resets"] == [] and results[1]["joined"]
+    for result in results.values():
+        # 4 batches alone, then the 3 epochs again from the first (Keras 3 restarts the epoch), 6 batches each.
+        assert result["size"] == 2 and result["epoch"] == 3 and result["global_batches"] == 4 + 3 * 6, result
+        assert result["identical"], "the new rank must get the weights, the optimizer's slots and AutoClip's history"
+        assert {"grad_norm", "clip_rate"} <= set(result["logged"]), result["logged"]
