@@ -172,7 +172,7 @@ def _check_process_set(process_set) -> None:
     if process_set.process_set_id is None:
         raise ValueError(
             "`process_set` has not been registered with Horovod: pass it to hvd.init(process_sets=[...]) or "
-            f"hvd.add_process_set(...) first. Received: process_set={process_set!r}"
+            f"hvd.add_process_set(...) first. Received: process_set=ProcessSet(ranks={process_set.ranks})"
         )
 
 

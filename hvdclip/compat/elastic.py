@@ -24,7 +24,7 @@ they are used as they are. What breaks on Keras 3 is replaced here:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import horovod.tensorflow as hvd
@@ -198,7 +198,7 @@ class TensorFlowState(_VariablesState):
     def __init__(self, variables: Sequence | None = None, session=None, **kwargs):
         if session is not None:
             raise ValueError(f"`session` must be None: TensorFlow 2 runs eagerly. Received: session={session!r}")
-        if variables is None or isinstance(variables, (tf.Variable, keras.Variable, str)):
+        if not isinstance(variables, Iterable) or isinstance(variables, (tf.Variable, keras.Variable, str)):
             raise TypeError(
                 "`variables` must be a list of variables (TensorFlow 2 keeps no global variables for Horovod's "
                 f"default). Received: variables={variables!r}"
