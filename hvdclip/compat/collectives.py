@@ -159,10 +159,7 @@ def _checked_variables(variables) -> list[tf.Variable]:
     variables = list(variables)
     for variable in variables:
         if not isinstance(variable, (tf.Variable, keras.Variable)):
-            raise TypeError(
-                "`variables` must hold Keras 3 variables or tf.Variables (did you pass `optimizer.variables()`? "
-                f"On Keras 3 it is the list `optimizer.variables`). Received an item {variable!r}"
-            )
+            raise TypeError(f"`variables` must hold Keras 3 variables or tf.Variables. Received an item {variable!r}")
     return as_tf_variables(variables)
 
 

@@ -23,6 +23,7 @@ they are used as they are. What breaks on Keras 3 is replaced here:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -60,8 +61,9 @@ def run(func: Callable) -> Callable:
     Example:
         >>> @hvd.elastic.run
         ... def train(state):
-        ...     for state.batch in range(state.batch, 100):
-        ...         step(state.batch)
+        ...     while state.batch < 100:
+        ...         training_step(*batches[state.batch])
+        ...         state.batch += 1
         ...         state.commit()
     """
     if not callable(func):
@@ -69,21 +71,24 @@ def run(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def attempt(state, *args, **kwargs):
-        try:
+        with _failed_collectives_reset():
             return func(state, *args, **kwargs)
-        except tf.errors.OpError as error:
-            if not _is_collective_failure(error):
-                raise
-            raise HorovodInternalError(error) from error
 
     return run_fn(attempt, _reset)
 
 
-def _is_collective_failure(error: BaseException) -> bool:
+@contextlib.contextmanager
+def _failed_collectives_reset():
+    """Turns a failed Horovod collective into HorovodInternalError, on which Horovod's loop restores and resets."""
     # Imported here: hvdclip.trainer imports hvdclip.keras, whose package imports this module.
     from hvdclip.trainer.elastic import is_collective_failure
 
-    return is_collective_failure(error)
+    try:
+        yield
+    except tf.errors.OpError as error:
+        if not is_collective_failure(error):
+            raise
+        raise HorovodInternalError(error) from error
 
 
 def _reset() -> None:
@@ -112,15 +117,10 @@ class _VariablesState(ObjectState):
         super().restore()
 
     def sync(self) -> None:
-        try:
+        with _failed_collectives_reset():  # A rank lost during the sync.
             broadcast_variables(self.tracked_variables(), root_rank=0)
             self._save_variables()
             super().sync()
-        except tf.errors.OpError as error:
-            # A rank lost during the sync: Horovod's loop restores and resets on HorovodInternalError only.
-            if not _is_collective_failure(error):
-                raise
-            raise HorovodInternalError(error) from error
 
     def _save_variables(self) -> None:
         # A copy on the variable's device, as Horovod's states keep it.

@@ -681,7 +681,7 @@ def compiled_mlp() -> keras.Model:
 
 VARIABLE_ROWS = (
     ("variables", "type", 3, TypeError, r"^`variables` must be a list of variables\. Received: variables=3$"),
-    ("variables", "range", [1.0], TypeError, r"^`variables` must hold Keras 3 variables or tf\.Variables .*Received an item 1\.0$"),
+    ("variables", "range", [1.0], TypeError, r"^`variables` must hold Keras 3 variables or tf\.Variables\. Received an item 1\.0$"),
     ("root_rank", "type", "0", TypeError, r"^`root_rank` must be an integer >= 0\. Received: root_rank='0'$"),
     ("root_rank", "range", -1, ValueError, r"^`root_rank` must be an integer >= 0\. Received: root_rank=-1$"),
     ("process_set", "type", "global", TypeError, r"^`process_set` must be a hvd\.ProcessSet\. Received: process_set='global'$"),
