@@ -14,7 +14,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo bench bench-syncbn bench-cluster soak test test-lint test-unit test-parallel test-examples test-launch \
+.PHONY: install demo bench bench-syncbn bench-cluster soak test test-lint test-unit test-parallel test-examples test-launch test-horovod-api \
         test-cluster test-gpu-build test-images clean lint-docker docker-gpu docker-cpu
 
 install: $(STAMP)
@@ -41,7 +41,7 @@ bench: install
 bench-syncbn: install
 	timeout 900 $(BIN)/hvdclip-run -np 2 --gloo -- $(PY) -m benchmarks.sync_batch_norm
 
-test: install lint-docker test-lint test-unit test-parallel test-examples test-launch test-cluster test-gpu-build test-images
+test: install lint-docker test-lint test-unit test-parallel test-examples test-horovod-api test-launch test-cluster test-gpu-build test-images
 
 # Repository checks: no shell strings, Dockerfiles and versions.env agree.
 test-lint: install
@@ -54,6 +54,12 @@ test-unit: install
 # Each example as documented, as a real 2-rank job.
 test-examples: install
 	timeout 900 $(PY) -m pytest -q -p no:cacheprovider tests/examples
+
+# Scripts in Horovod's own idiom (`import hvdclip.tensorflow as hvd`, `import hvdclip.keras as hvd`) as
+# real 2-rank jobs through hvdclip-run: an own loop, Keras fit, and two elastic jobs that grow from one
+# rank to two (about 2 minutes).
+test-horovod-api: install
+	timeout 900 $(PY) -m pytest -q -p no:cacheprovider tests/horovod_api
 
 # The same multi-rank tests under both launchers: Gloo via horovodrun, and Open MPI's mpirun.
 test-parallel: install

@@ -705,3 +705,142 @@ def test_every_cli_flag_has_its_cases():
         needed = ["type"] if action.nargs == 0 else ["type", "range"]
         missing += [f"{flag}: {kind}" for kind in needed if (flag, kind) not in covered]
     assert missing == []
+
+
+# ------------------------------------------------------- Horovod's API: hvdclip.tensorflow, hvdclip.keras
+
+import tempfile  # noqa: E402
+
+import hvdclip.tensorflow  # noqa: E402
+from horovod.tensorflow.compression import Compressor  # noqa: E402
+
+# load_model checks its arguments before it reads the file: any existing file does for the valid case.
+SAVED = tempfile.NamedTemporaryFile(suffix=".keras", delete=False).name
+
+
+class OtherCompressor(Compressor):
+    """A compressor Horovod would take but hvdclip's reduction does not know."""
+
+
+def compiled_mlp() -> keras.Model:
+    model = make_mlp(seed=1, name="compiled")
+    model.compile(optimizer=keras.optimizers.SGD(), loss="mse")
+    return model
+
+
+VARIABLE_ROWS = (
+    ("variables", "type", 3, TypeError, r"^`variables` must be a list of variables\. Received: variables=3$"),
+    ("variables", "range", [1.0], TypeError, r"^`variables` must hold Keras 3 variables or tf\.Variables\. Received an item 1\.0$"),
+    ("root_rank", "type", "0", TypeError, r"^`root_rank` must be an integer >= 0\. Received: root_rank='0'$"),
+    ("root_rank", "range", -1, ValueError, r"^`root_rank` must be an integer >= 0\. Received: root_rank=-1$"),
+    ("process_set", "type", "global", TypeError, r"^`process_set` must be a hvd\.ProcessSet\. Received: process_set='global'$"),
+    ("process_set", "range", lambda: hvdclip.tensorflow.ProcessSet([0]), ValueError,
+     r"^`process_set` has not been registered with Horovod: .*add_process_set.*Received: process_set=ProcessSet"),
+)  # fmt: skip
+STATE_ROWS = (
+    ("model", "type", "m", TypeError, r"^`model` must be a keras\.Model \(Keras 3\)\. Received: model='m'$"),
+    ("model", "range", unbuilt_model, ValueError, r"^`model` 'unbuilt' must be built first: run `model\.build\(input_shape\)`"),
+    ("optimizer", "type", 3, TypeError, r"^`optimizer` must be a Keras 3 optimizer, or None with a compiled `model`\. Received: optimizer=3$"),
+)
+SCHEDULE_ROWS = (
+    ("initial_lr", "type", "0.1", TypeError, r"^`initial_lr` must be a number > 0\. Received: initial_lr='0\.1'$"),
+    ("initial_lr", "range", 0, ValueError, r"^`initial_lr` must be a number > 0\. Received: initial_lr=0$"),
+    ("initial_lr", "range", None, ValueError, r"^Parameter `initial_lr` is required\. Received: initial_lr=None$"),
+    ("momentum_correction", "type", "yes", TypeError, r"^`momentum_correction` must be True or False\. Received: momentum_correction='yes'$"),
+    ("steps_per_epoch", "type", "4", TypeError, r"^`steps_per_epoch` must be an integer >= 1\. Received: steps_per_epoch='4'$"),
+    ("steps_per_epoch", "range", 0, ValueError, r"^`steps_per_epoch` must be an integer >= 1\. Received: steps_per_epoch=0$"),
+)
+HOROVOD_API = {
+    hvdclip.tensorflow.broadcast_variables: ({"variables": [tf.Variable(1.0)], "root_rank": 0}, table(
+        *VARIABLE_ROWS,
+        ("inplace", "type", "yes", TypeError, r"^`inplace` must be True or False\. Received: inplace='yes'$"),
+    )),
+    hvdclip.tensorflow.broadcast_: ({"variables": [tf.Variable(1.0)], "root_rank": 0}, table(
+        *VARIABLE_ROWS,
+        ("name", "type", 3, TypeError, r"^`name` must be a non-empty str or None\. Received: name=3$"),
+        ("name", "range", "", ValueError, r"^`name` must be a non-empty str or None\. Received: name=''$"),
+    )),
+    hvdclip.tensorflow.broadcast_global_variables: ({"root_rank": 0}, table(*VARIABLE_ROWS[2:4])),
+    hvdclip.keras.load_model: ({"filepath": SAVED}, table(
+        ("filepath", "type", 3, TypeError, r"^`filepath` must be a path \(str or os\.PathLike\)\. Received: filepath=3$"),
+        ("filepath", "range", "/nonexistent/model.keras", ValueError,
+         r"^`filepath` must be a saved Keras model file, and there is no file there\. Received: filepath='/nonexistent/model\.keras'$"),
+        ("custom_optimizers", "type", 3, TypeError,
+         r"^`custom_optimizers` must be a list of keras\.optimizers\.Optimizer subclasses or None\. Received: custom_optimizers=3$"),
+        ("custom_optimizers", "range", [int], TypeError,
+         r"^`custom_optimizers` must be a list of keras\.optimizers\.Optimizer subclasses or None\. Received: custom_optimizers=\[<class 'int'>\]$"),
+        ("custom_objects", "type", 3, TypeError, r"^`custom_objects` must be a dict of names to objects or None\. Received: custom_objects=3$"),
+        ("compression", "type", "fp16", TypeError,
+         r"^`compression` must be hvd\.Compression\.none or hvd\.Compression\.fp16\. Received: compression='fp16'$"),
+        ("compression", "range", OtherCompressor, ValueError,
+         r"^`compression` must be hvd\.Compression\.none or hvd\.Compression\.fp16 \(hvdclip's reduction knows no other"),
+        ("legacy_opts", "type", "yes", TypeError, r"^`legacy_opts` must be True or False\. Received: legacy_opts='yes'$"),
+        ("legacy_opts", "range", True, ValueError, r"^`legacy_opts` must be False: Keras 3 has no keras\.optimizers\.legacy"),
+    )),
+    hvdclip.keras.callbacks.LearningRateScheduleCallback: ({"initial_lr": 0.1, "multiplier": 0.5}, table(
+        *SCHEDULE_ROWS,
+        ("multiplier", "type", "x", TypeError, r"^`multiplier` must be a number or a function of the epoch\. Received: multiplier='x'$"),
+        ("start_epoch", "type", 1.5, TypeError, r"^`start_epoch` must be an integer >= 0\. Received: start_epoch=1\.5$"),
+        ("start_epoch", "range", -1, ValueError, r"^`start_epoch` must be an integer >= 0\. Received: start_epoch=-1$"),
+        ("end_epoch", "type", "3", TypeError, r"^`end_epoch` must be an integer >= 0\. Received: end_epoch='3'$"),
+        ("end_epoch", "range", -1, ValueError, r"^`end_epoch` must be an integer >= 0\. Received: end_epoch=-1$"),
+        ("staircase", "type", "yes", TypeError, r"^`staircase` must be True or False\. Received: staircase='yes'$"),
+    )),
+    hvdclip.keras.callbacks.LearningRateWarmupCallback: ({"initial_lr": 0.1}, table(
+        *SCHEDULE_ROWS,
+        ("warmup_epochs", "type", "5", TypeError, r"^`warmup_epochs` must be a number > 0\. Received: warmup_epochs='5'$"),
+        ("warmup_epochs", "range", 0, ValueError, r"^`warmup_epochs` must be a number > 0\. Received: warmup_epochs=0$"),
+        ("verbose", "type", "1", TypeError, r"^`verbose` must be an integer >= 0\. Received: verbose='1'$"),
+        ("verbose", "range", -1, ValueError, r"^`verbose` must be an integer >= 0\. Received: verbose=-1$"),
+    )),
+    hvdclip.keras.callbacks.BestModelCheckpoint: ({}, table(
+        ("monitor", "type", 3, TypeError, r"^`monitor` must be the name of a logged metric \(a non-empty str\)\. Received: monitor=3$"),
+        ("monitor", "range", "", ValueError, r"^`monitor` must be the name of a logged metric \(a non-empty str\)\. Received: monitor=''$"),
+        ("verbose", "type", "1", TypeError, r"^`verbose` must be an integer >= 0\. Received: verbose='1'$"),
+        ("verbose", "range", -1, ValueError, r"^`verbose` must be an integer >= 0\. Received: verbose=-1$"),
+        ("save_weights_only", "type", "yes", TypeError, r"^`save_weights_only` must be True or False\. Received: save_weights_only='yes'$"),
+        ("mode", "type", 3, TypeError, r"^`mode` must be one of \('auto', 'min', 'max'\)\. Received: mode=3$"),
+        ("mode", "range", "best", ValueError, r"^`mode` must be one of \('auto', 'min', 'max'\)\. Received: mode='best'$"),
+        ("save_freq", "type", 1.5, TypeError, r"^`save_freq` must be 'epoch' or an integer >= 1\. Received: save_freq=1\.5$"),
+        ("save_freq", "range", 0, ValueError, r"^`save_freq` must be an integer >= 1\. Received: save_freq=0$"),
+        ("filepath", "type", 3, TypeError, r"^`filepath` must be a path \(str or os\.PathLike\) or None\. Received: filepath=3$"),
+        ("filepath", "range", "best.txt", ValueError, r"^`filepath` must end in \.keras or \.h5 \(Keras 3's formats\)\. Received: filepath='best\.txt'$"),
+    )),
+    hvdclip.tensorflow.elastic.TensorFlowKerasState: ({"model": compiled_mlp()}, table(*STATE_ROWS)),
+    hvdclip.keras.elastic.KerasState: ({"model": compiled_mlp()}, table(*STATE_ROWS)),
+    hvdclip.tensorflow.elastic.TensorFlowState: ({"variables": [tf.Variable(1.0)]}, table(
+        ("variables", "type", 3, TypeError, r"^`variables` must be a list of variables \(TensorFlow 2 keeps no global variables"),
+        ("variables", "range", [1.0], TypeError, r"^`variables` must hold Keras 3 variables or tf\.Variables\. Received an item 1\.0$"),
+        ("session", "type", "s", ValueError, r"^`session` must be None: TensorFlow 2 runs eagerly\. Received: session='s'$"),
+        ("session", "range", object, ValueError, r"^`session` must be None: TensorFlow 2 runs eagerly\. Received: session=<class 'object'>$"),
+    )),
+    hvdclip.tensorflow.elastic.run: ({}, table(
+        ("func", "type", 3, TypeError, r"^`func` must be a function taking the state first\. Received: func=3$"),
+    )),
+}  # fmt: skip
+# Arguments with nothing to be out of range, or not checked at all, and why.
+HOROVOD_API_NO_RANGE = {
+    "multiplier": "any number or function of the epoch",
+    "custom_objects": "any dict: Keras looks names up in it",
+    "optimizer": "a Keras 3 optimizer is the only usable value (anything else is the type case)",
+    "func": "any callable",
+}
+HOROVOD_API_UNCHECKED = {"backend": "TensorFlow 1's Keras backend, accepted for Horovod's signature and ignored"}
+
+
+@pytest.mark.parametrize("surface, case", sweep(HOROVOD_API))
+def test_horovod_api(surface, case):
+    args = {**HOROVOD_API[surface][0], case.argument: bad_value(case)}
+    assert_rejected(lambda: surface(**args), case)
+
+
+def test_every_argument_of_horovods_api_has_its_cases():
+    missing = []
+    for surface, (_, params) in HOROVOD_API.items():
+        kinds = {(param.values[0].argument, param.values[0].kind) for param in params}
+        for p in inspect.signature(surface).parameters.values():
+            if p.name == "self" or p.kind is p.VAR_KEYWORD or p.name in HOROVOD_API_UNCHECKED:
+                continue
+            needed = ["type"] if isinstance(p.default, bool) or p.name in HOROVOD_API_NO_RANGE else ["type", "range"]
+            missing += [f"{surface.__qualname__}({p.name}): {kind}" for kind in needed if (p.name, kind) not in kinds]
+    assert missing == []
