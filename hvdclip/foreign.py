@@ -10,6 +10,7 @@ TensorFlow); each function imports what it needs.
 |---|---|---|
 | `horovod.tensorflow._make_allreduce_grads_fn` | Horovod | the reduction `hvd.DistributedGradientTape` and `hvd.DistributedOptimizer` are built on, reused as is |
 | `Optimizer._learning_rate` | Keras | the schedule or variable behind `learning_rate` (the public property returns its current value) |
+| `RMSprop._momentums` | Keras | the momentum buffers that Horovod's learning-rate callbacks' momentum correction scales |
 | `Layer._flatten_layers` | Keras | every nested layer, as Keras itself walks them (BatchNorm statistics, seed generators) |
 | `keras.src.models.functional.Functional` | Keras | `clone_model` dispatches on it (SyncBatchNormalization's conversion) |
 | `BatchNormalization._moments` | Keras | the hook SyncBatchNormalization overrides to average batch moments over ranks |
@@ -42,6 +43,7 @@ __all__ = [
     "make_allreduce_grads_fn",
     "learning_rate_object",
     "flatten_layers",
+    "rmsprop_momentums",
     "functional_model_class",
     "auto_shard_by_file",
     "serialized_dataset_graph",
@@ -288,6 +290,11 @@ def learning_rate_object(optimizer: Any) -> Any:
     """The schedule or variable an optimizer's learning rate is (a `LossScaleOptimizer`'s inner one's)."""
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     return _require(inner, "_learning_rate", "keras.optimizers.Optimizer")
+
+
+def rmsprop_momentums(optimizer: Any) -> list:
+    """An `RMSprop`'s momentum buffers (Keras keeps them under a private name; SGD's are public)."""
+    return list(_require(optimizer, "_momentums", "keras.optimizers.RMSprop"))
 
 
 def flatten_layers(layer: Any, include_self: bool = True) -> list:

@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
-from horovod.tensorflow.compression import Compression, Compressor
+from horovod.tensorflow.compression import Compression
 
+from hvdclip.distributed.reduction import Reduction
 from hvdclip.validation import check_bool
 
 __all__ = ["load_model"]
@@ -55,7 +56,7 @@ def load_model(
         raise TypeError(f"`filepath` must be a path (str or os.PathLike). Received: filepath={filepath!r}")
     if not os.path.isfile(filepath):
         raise ValueError(f"`filepath` must be a saved Keras model file, and there is no file there. Received: filepath={filepath!r}")
-    options = _compression(compression)
+    Reduction(compression=compression)  # Checked before the file is read.
     if check_bool("legacy_opts", legacy_opts):
         raise ValueError(
             "`legacy_opts` must be False: Keras 3 has no keras.optimizers.legacy (its optimizers are "
@@ -81,26 +82,8 @@ def load_model(
         )
     compile_config = {k: v for k, v in model.get_compile_config().items() if k != "optimizer"}
     settings = keras.saving.deserialize_keras_object(compile_config, custom_objects=objects)
-    # Keywords only: DistributedOptimizer takes Horovod's positional order (issue 20).
-    model.compile(optimizer=DistributedOptimizer(optimizer=optimizer, **options), **settings)
+    model.compile(optimizer=DistributedOptimizer(optimizer, compression=compression), **settings)
     return model
-
-
-def _compression(compression) -> dict:
-    # hvdclip.keras.DistributedOptimizer names its compression ("fp16") until it takes Horovod's
-    # signature (issue 20); then `compression` passes through as given and this mapping goes.
-    if not (isinstance(compression, type) and issubclass(compression, Compressor)):
-        raise TypeError(
-            f"`compression` must be hvd.Compression.none or hvd.Compression.fp16. Received: compression={compression!r}"
-        )
-    if compression is Compression.none:
-        return {}
-    if compression is Compression.fp16:
-        return {"compression": "fp16"}
-    raise ValueError(
-        "`compression` must be hvd.Compression.none or hvd.Compression.fp16 (hvdclip's reduction knows no other "
-        f"compressor). Received: compression={compression!r}"
-    )
 
 
 def _checked_mapping(name: str, value) -> Mapping:

@@ -45,7 +45,7 @@ from hvdclip.gradients import dedupe, global_norm, scale, sum_of_squares
 from hvdclip.transforms.base import GradientTransform, apply_transform, check_transform, identity
 from hvdclip.validation import check_bool, check_int
 
-__all__ = ["Clipper", "Prepared", "REPORT"]
+__all__ = ["Clipper", "Prepared", "REPORT", "reduce_and_clip"]
 
 _CLIP_KEYWORDS = ("clipnorm", "clipvalue", "global_clipnorm")
 
@@ -105,6 +105,62 @@ def _checked_named_variables(name: str, value: Any) -> list[tuple[str, tf.Variab
     ):
         raise TypeError(f"`{name}` must be a list of (name, tf.Variable) pairs. Received: {name}={value!r}")
     return pairs
+
+
+def reduce_and_clip(
+    grads: list,
+    variables: list,
+    reduction: Reduction,
+    transform: GradientTransform | None,
+    clip_state: Any,
+    *,
+    flags: Sequence[tf.Tensor] = (),
+    marker: Any = None,
+    step: Any = 0,
+    inverse_scale: Any = None,
+) -> Prepared:
+    """The step's stages from the local gradient to the clipped one, in order: the one place they are spelled.
+
+    reduce (with `flags` riding the allreduce, under the watchdog's `marker`) -> unscale (multiply by
+    `inverse_scale`, mixed precision) -> merge repeated sparse rows -> clip with `transform` (None:
+    no clip) from `clip_state`. `Clipper.prepare` runs it, and so does the Horovod-signature tape
+    of `hvdclip.tensorflow`, which applies with the user's own optimizer.
+    """
+    if marker is not None:  # The watchdog sees this rank waiting in the allreduce.
+        grads = _after(grads, [marker.enter(step)])
+    reduced, raised = reduction(grads, variables, flags)
+    if marker is not None:
+        reduced, raised = marker.leave((reduced, raised), step)
+    all_have_data = tf.logical_not(raised[0]) if raised else tf.constant(True)
+    if inverse_scale is not None:  # Mixed precision: the clip must see the true gradient.
+        reduced = [scale(g, inverse_scale) for g in reduced]
+    # Horovod allgathers sparse rows, so an embedding row touched on two ranks arrives twice.
+    # Keras 3 optimizers apply element-wise ops (Adam squares the gradient) to IndexedSlices
+    # values without merging, which would square the parts, not the sum: merge once here.
+    grads = [dedupe(g) if isinstance(g, tf.IndexedSlices) else g for g in reduced]
+    squares = sum_of_squares(grads)
+    grad_norm = tf.sqrt(squares)
+    finite = tf.math.is_finite(squares)
+    synced = tf.constant(True)
+    if transform is None:
+        metrics = {"grad_norm": grad_norm, "clipped_grad_norm": grad_norm, "clip_active": tf.constant(False)}
+        state = tf.nest.map_structure(tf.convert_to_tensor, clip_state)
+        return Prepared(grads, state, finite, synced, all_have_data, metrics)
+    result = apply_transform(transform, grads, clip_state, variables)
+    if result.report is not None:  # The transform's own account: no extra pass over the gradients.
+        clipped_norm = grad_norm if result.report.norm is None else result.report.norm
+        active = result.report.active
+    else:
+        clipped_norm = global_norm(result.grads)
+        # "Changed any element", not "norm went down": two norms of equal tensors computed in
+        # differently fused graphs can differ in the last bit.
+        active = tf.reduce_any([_changed(a, b) for a, b in zip(grads, result.grads) if a is not None])
+    # NaN != NaN would count a non-finite gradient as clipped: nothing was (the step is skipped).
+    metrics = {"grad_norm": grad_norm, "clipped_grad_norm": clipped_norm, "clip_active": finite & active}
+    # In the nest types `init` built (a transform may return a list for a tuple): both branches of
+    # an accumulation step's `tf.cond` must have one structure.
+    state = tf.nest.pack_sequence_as(clip_state, tf.nest.flatten(result.state))
+    return Prepared(result.grads, state, finite, synced, all_have_data, metrics)
 
 
 # An odd 31-bit constant (the golden ratio's): rank r's seeds are rank 0's plus r times it.
@@ -357,15 +413,11 @@ class Clipper:
             )
 
     def _reduce_and_clip(self, grads: list, variables: list, flags: list) -> Prepared:
-        step = tf.convert_to_tensor(self.applier.iterations) + 1
-        if self.marker is not None:  # The watchdog sees this rank waiting in the allreduce.
-            entered = self.marker.enter(step)
-            grads = _after(grads, [entered])
-        reduced, raised = self.reduction(grads, variables, flags)
-        if self.marker is not None:
-            reduced, raised = self.marker.leave((reduced, raised), step)
-        all_have_data = tf.logical_not(raised[0]) if raised else tf.constant(True)
-        return self._clip(self._unscale(reduced), variables, all_have_data)
+        return reduce_and_clip(
+            grads, variables, self.reduction, self.transform if self.clipping else None, self.clip_state,
+            flags=flags, marker=self.marker, step=tf.convert_to_tensor(self.applier.iterations) + 1,
+            inverse_scale=1.0 / self.optimizer.dynamic_scale if self.loss_scaling else None,
+        )  # fmt: skip
 
     def _micro_step(self, local_grads: list) -> Prepared:
         """An accumulation micro-step: this rank's gradient joins its sums; nothing to apply."""
@@ -378,43 +430,6 @@ class Clipper:
             {"grad_norm": nan, "clipped_grad_norm": nan, "clip_active": tf.constant(False)},
         )  # fmt: skip
         return _after(prepared, [added])
-
-    def _unscale(self, grads: Sequence) -> list:
-        """Divides out the loss scale (mixed precision), so the clip sees the true gradient."""
-        if not self.loss_scaling:
-            return list(grads)
-        inverse = 1.0 / self.optimizer.dynamic_scale
-        return [scale(g, inverse) for g in grads]
-
-    def _clip(self, grads: Sequence, variables: Sequence, all_have_data: tf.Tensor) -> Prepared:
-        """Merges repeated sparse rows, then runs the clip transform on the reduced, unscaled gradient."""
-        # Horovod allgathers sparse rows, so an embedding row touched on two ranks arrives twice.
-        # Keras 3 optimizers apply element-wise ops (Adam squares the gradient) to IndexedSlices
-        # values without merging, which would square the parts, not the sum: merge once here.
-        grads = [dedupe(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
-        squares = sum_of_squares(grads)
-        grad_norm = tf.sqrt(squares)
-        finite = tf.math.is_finite(squares)
-        synced = tf.constant(True)
-        if not self.clipping:
-            metrics = {"grad_norm": grad_norm, "clipped_grad_norm": grad_norm, "clip_active": tf.constant(False)}
-            state = tf.nest.map_structure(tf.convert_to_tensor, self.clip_state)
-            return Prepared(grads, state, finite, synced, all_have_data, metrics)
-        result = apply_transform(self.transform, grads, self.clip_state, variables)
-        if result.report is not None:  # The transform's own account: no extra pass over the gradients.
-            clipped_norm = grad_norm if result.report.norm is None else result.report.norm
-            active = result.report.active
-        else:
-            clipped_norm = global_norm(result.grads)
-            # "Changed any element", not "norm went down": two norms of equal tensors computed in
-            # differently fused graphs can differ in the last bit.
-            active = tf.reduce_any([_changed(a, b) for a, b in zip(grads, result.grads) if a is not None])
-        # NaN != NaN would count a non-finite gradient as clipped: nothing was (the step is skipped).
-        metrics = {"grad_norm": grad_norm, "clipped_grad_norm": clipped_norm, "clip_active": finite & active}
-        # In the nest types `init` built (a transform may return a list for a tuple): both branches
-        # of an accumulation step's `tf.cond` must have one structure.
-        state = tf.nest.pack_sequence_as(self.clip_state, tf.nest.flatten(result.state))
-        return Prepared(result.grads, state, finite, synced, all_have_data, metrics)
 
     def _guard_and_apply(self, prepared: Prepared, grads: list, variables: list) -> dict[str, tf.Tensor]:
         """Applies the step and stores the clip state, or skips it on every rank (NaN/Inf)."""

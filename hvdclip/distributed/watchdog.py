@@ -287,7 +287,8 @@ class Watchdog:
                 view.marker.first = False
             return
         if now - view.since > view.bound:
-            self._expire(f"{view.marker.name} of optimizer step {step}", view.bound, view.source)
+            what = f"of optimizer step {step}" if step > 0 else f"(its call {entry})"  # A tape that knows no step.
+            self._expire(f"{view.marker.name} {what}", view.bound, view.source)
 
     def _expire(self, name: str, bound: float, source: str) -> None:
         rank = next((os.environ[v] for v in _RANK_VARIABLES if v in os.environ), "?")

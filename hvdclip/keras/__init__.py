@@ -2,8 +2,7 @@
 
 Door 2, Keras `model.fit` with hvdclip: `DistributedOptimizer`, `callbacks` and `load_model`;
 plus Horovod's runtime queries, process sets and value collectives, and `elastic`. Also hvdclip's
-own `broadcast_initial_state` (for a loop without callbacks) and the learning-rate schedule
-`ScaledWarmup`. `docs/horovod.md` lists every name of `horovod.tensorflow.keras` and what hvdclip
+own `broadcast_initial_state` (to send rank 0's state before `fit`). `docs/horovod.md` lists every name of `horovod.tensorflow.keras` and what hvdclip
 does with it.
 """
 
@@ -34,13 +33,9 @@ from hvdclip.compat.runtime import (
 )
 from hvdclip.compat.saving import load_model
 from hvdclip.keras import callbacks
-from hvdclip.keras.broadcast import broadcast_initial_state
+from hvdclip.keras.startup import broadcast_initial_state
 from hvdclip.keras.optimizer import DistributedOptimizer
-from hvdclip.keras.schedules import ScaledWarmup
 from hvdclip.keras import elastic  # After the above: it imports hvdclip.trainer, which imports hvdclip.keras.schedules.
-
-# After `hvdclip.keras.broadcast` (the module of broadcast_initial_state) has loaded, which binds the
-# package's attribute `broadcast` to itself: the name is Horovod's function.
 from hvdclip.compat.keras_collectives import allgather, allreduce, broadcast, broadcast_global_variables, reducescatter
 
 __all__ = [
@@ -49,7 +44,6 @@ __all__ = [
     "Compression",
     "DistributedOptimizer",
     "ProcessSet",
-    "ScaledWarmup",
     "Sum",
     "add_process_set",
     "allgather",

@@ -36,7 +36,7 @@ import tensorflow as tf
 from hvdclip import foreign
 from hvdclip.core.lockstep import UNKNOWN, EpochLength, Lockstep, agree_epoch_length
 from hvdclip.distributed.runtime import launched_elastically, rank
-from hvdclip.keras.broadcast import broadcast_initial_state, prepare_fit
+from hvdclip.keras.startup import broadcast_initial_state, prepare_fit
 from hvdclip.keras.optimizer import DistributedOptimizer
 
 __all__ = ["TrainFunction", "install"]

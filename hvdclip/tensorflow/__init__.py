@@ -29,6 +29,7 @@ from hvdclip.compat.collectives import (
     reducescatter,
 )
 from hvdclip.compat.process_sets import ProcessSet, add_process_set, global_process_set, remove_process_set
+from hvdclip.compat.tape import DistributedGradientTape
 from hvdclip.compat.runtime import (
     ccl_built,
     cross_rank,
@@ -58,13 +59,14 @@ from hvdclip.compat.runtime import (
     start_timeline,
     stop_timeline,
 )
-from hvdclip.keras.sync_batch_norm import SyncBatchNormalization
+from hvdclip.keras.batch_norm import SyncBatchNormalization
 from hvdclip.tensorflow import elastic
 
 __all__ = [
     "Adasum",
     "Average",
     "Compression",
+    "DistributedGradientTape",
     "Max",
     "Min",
     "ProcessSet",

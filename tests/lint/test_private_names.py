@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "hvdclip"
 FOREIGN = PACKAGE / "foreign.py"
 # Modules of other projects that are theirs to change: imported only by hvdclip/foreign.py.
-PRIVATE_MODULES = ("keras.src", "tensorflow.python", "horovod.runner", "horovod._keras", "horovod.tensorflow.mpi_ops")
+PRIVATE_MODULES = ("keras.src", "tensorflow.python", "horovod.runner", "horovod._keras")
 # Public calls whose names happen to start with an underscore.
 PUBLIC_UNDERSCORED = {("os", "_exit")}  # The documented way to end a process that cannot unwind.
 

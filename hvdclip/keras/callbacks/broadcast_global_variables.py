@@ -3,10 +3,12 @@ epochs kept in step."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 
 from hvdclip.keras import train_function
-from hvdclip.keras.broadcast import broadcast_initial_state, prepare_fit
+from hvdclip.keras.startup import broadcast_initial_state, prepare_fit
 from hvdclip.keras.optimizer import DistributedOptimizer
 from hvdclip.validation import check_int
 
@@ -32,9 +34,11 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
         root_rank: the rank whose state every rank starts from; hvdclip supports 0 only (the
             rank that also writes checkpoints and logs).
         device: accepted for Horovod's signature; the broadcast runs where Horovod places it.
+        local_variables: Horovod's variables to leave out of the broadcast; hvdclip sends every
+            model variable (rank-local state it knows of stays each rank's), so only None is taken.
     """
 
-    def __init__(self, root_rank: int = 0, device: str = "") -> None:
+    def __init__(self, root_rank: int = 0, device: str = "", local_variables: Any = None) -> None:
         super().__init__()
         check_int("root_rank", root_rank, ge=0)
         if root_rank != 0:
@@ -44,6 +48,12 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
             )
         if not isinstance(device, str):
             raise TypeError(f"`device` must be a device name such as '/cpu:0', or ''. Received: device={device!r}")
+        if local_variables is not None:
+            raise ValueError(
+                "`local_variables` must be None: hvdclip broadcasts every model variable once, before the first "
+                "step (the rank-local state it knows of, BatchNorm statistics and random seeds, stays each rank's). "
+                f"Received: local_variables={local_variables!r}"
+            )
         self.root_rank = root_rank
         self.device = device
         self._sent = False

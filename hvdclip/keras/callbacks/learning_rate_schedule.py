@@ -20,6 +20,7 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
+from hvdclip import foreign
 from hvdclip.distributed.bridge import as_tf_variables
 from hvdclip.validation import check_bool, check_int, check_number
 
@@ -157,7 +158,7 @@ def _momentum_buffers(optimizer) -> list | None:
     if isinstance(inner, keras.optimizers.SGD):
         return list(inner.momentums)
     if isinstance(inner, keras.optimizers.RMSprop):
-        return list(inner._momentums)  # Keras keeps RMSprop's under a private name.
+        return foreign.rmsprop_momentums(inner)
     warnings.warn(
         f"momentum_correction=True has no effect with {type(inner).__name__}: on Keras 3 the momentum is fixed when "
         "the train step is traced, and hvdclip scales the momentum buffers of SGD and RMSprop only. Pass "

@@ -25,7 +25,16 @@ class MetricAverageCallback(keras.callbacks.Callback):
     steps that clipped, and the steps skipped for NaN/Inf (computed after the reduction: the same
     on every rank). A mean over ranks of per-rank means is the exact mean over examples only when
     every rank saw as many examples, which hvdclip's train function sees to for the steps.
+
+    Args:
+        device: accepted for Horovod's signature; the allreduce runs where Horovod places it.
     """
+
+    def __init__(self, device: str = "") -> None:
+        super().__init__()
+        if not isinstance(device, str):
+            raise TypeError(f"`device` must be a device name such as '/cpu:0', or ''. Received: device={device!r}")
+        self.device = device
 
     def on_epoch_begin(self, epoch, logs=None):
         optimizer = getattr(self.model, "optimizer", None)
