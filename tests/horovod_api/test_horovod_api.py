@@ -62,6 +62,7 @@ def test_own_loop_with_a_first_batch_broadcast_in_the_compiled_step():
         assert result["started_apart"], "each rank starts from its own weights, so the broadcasts are what makes them agree"
         assert result["first_identical"] and result["second_identical"], result
         assert result["error"] <= TOLERANCE, f"the own loop differs from one process on the combined batch by {result['error']}"
+        assert result["norms_identical"] and 0 < result["clip_rate"], "tape.report: the reduced norm, the same on every rank"
     assert_all_checks_pass(results)
 
 
@@ -70,6 +71,9 @@ def test_keras_fit_with_horovods_callbacks_equals_one_process_then_load_model(tm
     assert sorted(results) == [0, 1], output[-3000:]
     for result in results.values():
         assert result["started_apart"] and result["trained_identical"] and result["resumed_identical"], result
+        # backward_passes_per_step=2 on a model fit builds: one process on each combined 2-batch window.
+        assert result["accumulated_identical"] and result["accumulated_steps"] == 2, result
+        assert result["accumulated_error"] <= TOLERANCE, f"accumulation differs from one process by {result['accumulated_error']}"
         assert result["error"] <= TOLERANCE, f"fit differs from one process on the combined batch by {result['error']}"
         # The momentum correction matters here: without it the same schedule ends far away.
         assert result["uncorrected_error"] > 1000 * max(result["error"], 1e-8), result

@@ -15,6 +15,7 @@ import sys
 import keras
 import tensorflow as tf
 
+import hvdclip
 import hvdclip.tensorflow as hvd
 
 hvd.init()
@@ -46,10 +47,8 @@ def make_model() -> keras.Model:
 
 
 def averaged_and_clipped(tape: tf.GradientTape, loss, variables) -> list:
-    # As in own_loop.py: becomes hvd.DistributedGradientTape(tape, clip=...) when it lands.
-    grads = tape.gradient(loss, variables)
-    grads = hvd.grouped_allreduce(grads, op=hvd.Average, name="grads")
-    return tf.clip_by_global_norm(grads, MAX_NORM)[0]
+    # Horovod's idiom plus one argument: the gradient averaged over ranks, then clipped.
+    return hvd.DistributedGradientTape(tape, clip=hvdclip.clip_by_global_norm(MAX_NORM)).gradient(loss, variables)
 
 
 keras.utils.set_random_seed(400 + hvd.rank())  # A joining rank starts from weights of its own.

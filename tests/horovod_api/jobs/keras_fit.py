@@ -136,6 +136,42 @@ loaded.fit(
 )
 resumed = gathered(hvd, checksum(loaded.variables + loaded.optimizer.variables))
 
+# Horovod's accumulation, on a model that fit builds from its first batch (no keras.Input), with
+# fp16 compression: 2 batches per step on each rank equal one process on the combined 2-batch window.
+keras.utils.set_random_seed(500 + r)
+built_by_fit = keras.Sequential([keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)])
+built_by_fit.compile(
+    loss="mse",
+    optimizer=hvd.DistributedOptimizer(
+        keras.optimizers.SGD(0.05), backward_passes_per_step=2, average_aggregated_gradients=True,
+        compression=hvd.Compression.none, clip=hvdclip.clip_by_global_norm(MAX_NORM),
+    ),
+)  # fmt: skip
+built_by_fit.fit(x[rows], y[rows], batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+                 callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0)])  # fmt: skip
+
+
+def one_process_windows(start: list) -> list:
+    reference = keras.Sequential([keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)])
+    reference.build((None, 8))
+    reference.set_weights(start)
+    reference_opt = keras.optimizers.SGD(0.05)
+    for window in range(STEPS_PER_EPOCH // 2):
+        combined = slice(window * 2 * n * BATCH, (window + 1) * 2 * n * BATCH)
+        with tf.GradientTape() as tape:
+            loss = keras.losses.MeanSquaredError()(y[combined], reference(x[combined], training=True))
+        grads = tape.gradient(loss, reference.trainable_variables)
+        reference_opt.apply_gradients(zip(tf.clip_by_global_norm(grads, MAX_NORM)[0], reference.trainable_variables))
+    return [v.numpy() for v in reference.variables]
+
+
+keras.utils.set_random_seed(500)  # Rank 0's seed: its initial weights, which the broadcast sent to every rank.
+rank0_model = keras.Sequential([keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)])
+rank0_model.build((None, 8))
+accumulated_error = max_abs_difference([v.numpy() for v in built_by_fit.variables], one_process_windows(rank0_model.get_weights()))
+accumulated = gathered(hvd, checksum(built_by_fit.variables))
+accumulated_steps = int(built_by_fit.optimizer.iterations.numpy())
+
 # Horovod's value collectives, answers known.
 checks = {
     "allreduce": float(hvd.allreduce(r + 1.0, op=hvd.Sum)) == n * (n + 1) / 2,
@@ -171,5 +207,8 @@ report(
     loaded_iterations=loaded_iterations,
     loaded_optimizer=type(loaded.optimizer).__name__,
     resumed_identical=bool((resumed == resumed[0]).all()),
+    accumulated_error=accumulated_error,
+    accumulated_identical=bool((accumulated == accumulated[0]).all()),
+    accumulated_steps=accumulated_steps,
     checks=checks,
 )

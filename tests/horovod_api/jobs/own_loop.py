@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import hvdclip
 import hvdclip.tensorflow as hvd
 
 hvd.init()
@@ -41,13 +42,9 @@ def make_model() -> keras.Model:
 
 
 def averaged_and_clipped(tape: tf.GradientTape, loss, variables) -> list:
-    # Horovod's allreduce of the gradients, then the clip on the reduced gradient. When
-    # hvdclip.tensorflow.DistributedGradientTape (Horovod's signature plus clip=) lands, this is:
-    #     tape = hvd.DistributedGradientTape(tape, clip=hvdclip.clip_by_global_norm(MAX_NORM))
-    #     return tape.gradient(loss, variables)
-    grads = tape.gradient(loss, variables)
-    grads = hvd.grouped_allreduce(grads, op=hvd.Average, name="grads")
-    return tf.clip_by_global_norm(grads, MAX_NORM)[0]
+    # Horovod's idiom plus one argument: the gradient averaged over ranks, then clipped.
+    tape = hvd.DistributedGradientTape(tape, clip=hvdclip.clip_by_global_norm(MAX_NORM))
+    return tape.gradient(loss, variables), tape.report  # The report: what the step measured, for the logs.
 
 
 # ------------------------------------------------------------------ 1. broadcast before the first step
@@ -67,13 +64,14 @@ def training_step(images, labels, first_batch):
         hvd.broadcast_variables(opt.variables, root_rank=0)
     with tf.GradientTape() as tape:
         loss = loss_fn(labels, model(images, training=True))
-    grads = averaged_and_clipped(tape, loss, model.trainable_variables)
+    grads, measured = averaged_and_clipped(tape, loss, model.trainable_variables)
     opt.apply_gradients(zip(grads, model.trainable_variables))
-    return loss
+    return loss, measured
 
 
-for step in range(STEPS):
-    training_step(x[rows(step)], y[rows(step)], tf.constant(step == 0))
+logged = [training_step(x[rows(step)], y[rows(step)], tf.constant(step == 0))[1] for step in range(STEPS)]
+clip_rate = sum(bool(m["clip_active"]) for m in logged) / STEPS
+norms_agree = gathered(hvd, [float(m["grad_norm"]) for m in logged])
 
 # One process on the combined batch, from rank 0's weights: a plain tape, the clip, the optimizer.
 reference = make_model()
@@ -102,7 +100,7 @@ second_started_apart = len({tuple(row) for row in gathered(hvd, checksum(model2.
 def horovod_training_step(images, labels, first_batch):
     with tf.GradientTape() as tape:
         loss = loss_fn(labels, model2(images, training=True))
-    grads = averaged_and_clipped(tape, loss, model2.trainable_variables)
+    grads, _ = averaged_and_clipped(tape, loss, model2.trainable_variables)
     opt2.apply_gradients(zip(grads, model2.trainable_variables))
     if first_batch:
         hvd.broadcast_variables(model2.variables, root_rank=0)
@@ -202,6 +200,8 @@ report(
     error=error,
     first_identical=bool((first == first[0]).all()),
     second_identical=bool((second == second[0]).all()),
+    clip_rate=clip_rate,
+    norms_identical=bool((norms_agree == norms_agree[0]).all()),
     checks=checks,
 )
 hvd.shutdown()
