@@ -73,3 +73,20 @@ def make_clicks(seed: int, n: int, vocab: int = 40, ids: int = 5) -> tuple[np.nd
     x = rng.integers(0, vocab // 2, size=(n, ids)).astype("int32")
     y = (3.0 * np.cos(x.sum(axis=1, keepdims=True) / 7.0) + 2.0).astype("float32")
     return x, y
+
+
+def tape_step(model: keras.Model, clipper, loss_fn=None):
+    """Door 1 as the docs write it: a compiled step `(x, y, has_next) -> report` over `clipper`'s core step."""
+    import hvdclip
+
+    loss_fn = loss_fn or keras.losses.MeanSquaredError()
+
+    @tf.function
+    def step(x, y, has_next=None):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        tape = hvdclip.DistributedGradientTape(tape, clipper, has_data=has_next)
+        grads = tape.gradient(loss, model.trainable_variables)
+        return tape.apply_gradients(zip(grads, model.trainable_variables))
+
+    return step

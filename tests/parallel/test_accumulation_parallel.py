@@ -13,7 +13,7 @@ import tensorflow as tf
 
 import hvdclip
 import hvdclip.keras
-from support import allgather, checksum, make_data, make_mlp
+from support import allgather, checksum, make_data, make_mlp, tape_step
 from training_support import InterruptAt, Interrupted
 
 K, B, WINDOWS, MAX_NORM = 4, 8, 3, 0.5
@@ -60,14 +60,7 @@ def own_loop_door(x, y):
     model = make_mlp(seed=6)
     clipper = hvdclip.Clipper(keras.optimizers.Adam(1e-2), hvdclip.clip_by_global_norm(MAX_NORM), accumulation_steps=K)
     clipper.broadcast_initial_state(model)
-
-    @tf.function
-    def step(xb, yb, has_next):
-        with tf.GradientTape() as tape:
-            loss = keras.losses.MeanSquaredError()(yb, model(xb, training=True))
-        tape = hvdclip.DistributedGradientTape(tape, clipper, has_data=has_next)
-        return tape.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-
+    step = tape_step(model, clipper)
     for (xb, yb), has_next in hvdclip.Lockstep(tf.data.Dataset.from_tensor_slices((x, y)).batch(B), clipper):
         step(xb, yb, has_next)
     return model

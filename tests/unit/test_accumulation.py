@@ -10,7 +10,7 @@ import tensorflow as tf
 import hvdclip
 import hvdclip.keras
 from hvdclip.errors import CheckpointError
-from support import checksum, make_data, make_mlp
+from support import checksum, make_data, make_mlp, tape_step
 from training_support import InterruptAt, Interrupted, resumable_trainer, id_dataset
 
 K, BATCH, WINDOWS = 4, 8, 3
@@ -48,15 +48,7 @@ def own_loop_door():
     model = make_mlp(seed=2)
     clipper = hvdclip.Clipper(keras.optimizers.Adam(1e-2), hvdclip.clip_by_global_norm(CLIP), accumulation_steps=K)
     clipper.broadcast_initial_state(model)
-
-    @tf.function
-    def step(x, y, has_next):
-        with tf.GradientTape() as tape:
-            loss = keras.losses.MeanSquaredError()(y, model(x, training=True))
-        tape = hvdclip.DistributedGradientTape(tape, clipper, has_data=has_next)
-        grads = tape.gradient(loss, model.trainable_variables)
-        return tape.apply_gradients(zip(grads, model.trainable_variables))
-
+    step = tape_step(model, clipper)
     reports = [step(x, y, has_next) for (x, y), has_next in hvdclip.Lockstep(
         tf.data.Dataset.from_tensor_slices((X, Y)).batch(BATCH), clipper)]  # fmt: skip
     assert [bool(r["synced"]) for r in reports] == ([False] * (K - 1) + [True]) * WINDOWS
@@ -123,14 +115,7 @@ def test_lockstep_runs_whole_windows_of_unknown_length_data_and_continues_window
         model = make_mlp(seed=1)
         clipper = hvdclip.Clipper(keras.optimizers.SGD(0.01), accumulation_steps=2)
         clipper.broadcast_initial_state(model)
-
-        @tf.function
-        def step(x, y, has_next):
-            with tf.GradientTape() as tape:
-                loss = keras.losses.MeanSquaredError()(y, model(x, training=True))
-            tape = hvdclip.DistributedGradientTape(tape, clipper, has_data=has_next)
-            return tape.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-
+        step = tape_step(model, clipper)
         batches = tf.data.Dataset.from_tensor_slices((X[:40], Y[:40])).batch(BATCH)  # 5 batches.
         lockstep = hvdclip.Lockstep(batches, clipper, equal_lengths=equal_lengths)
         votes = [bool(step(x, y, has_next)["all_have_data"]) for (x, y), has_next in lockstep]

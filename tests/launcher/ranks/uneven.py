@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from support import checksum, make_data, make_mlp  # noqa: E402
+from support import checksum, make_data, make_mlp, tape_step  # noqa: E402
 
 import hvdclip  # noqa: E402
 import hvdclip.keras  # noqa: E402
@@ -84,14 +84,7 @@ def own_loop_door(data):
     model = make_mlp(seed=9)
     clipper = hvdclip.Clipper(keras.optimizers.SGD(0.05), hvdclip.clip_by_global_norm(1.0))
     clipper.broadcast_initial_state(model)
-
-    @tf.function
-    def step(x, y, has_next):
-        with tf.GradientTape() as tape:
-            loss = keras.losses.MeanSquaredError()(y, model(x, training=True))
-        tape = hvdclip.DistributedGradientTape(tape, clipper, has_data=has_next)
-        return tape.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-
+    step = tape_step(model, clipper)
     steps = []
     for _ in range(EPOCHS):
         steps.append(0)
