@@ -99,8 +99,8 @@ class CollectiveMarker:
     `[entry number, step]` into a small int64 variable, `leave` writes `[0, step]` once `tensors`
     (the reduced gradients) exist. The watchdog's thread reads the variable; an entry that stays
     open longer than the bound ends the process. The first entry after the marker is made (or
-    after `expect_compile`) gets `COMPILE_FACTOR` times the bound: the peers may still be
-    compiling their own first step.
+    after `expect_compile`), found by its number, gets `COMPILE_FACTOR` times the bound: the peers
+    may still be compiling their own first step.
     """
 
     def __init__(self, name: str) -> None:
@@ -112,7 +112,7 @@ class CollectiveMarker:
         with tf.device("/CPU:0"):
             self._entries = tf.Variable(0, dtype=tf.int64, trainable=False, name="hvdclip_watchdog_entries")
             self._where = tf.Variable([0, 0], dtype=tf.int64, trainable=False, name="hvdclip_watchdog_marker")
-        self.first = True
+        self.compiling_entry = 1  # The entry that may wait for peers' first compile.
 
     def enter(self, step: Any) -> Any:
         """An op (to depend on) that marks the allreduce as entered at `step`; call it while tracing."""
@@ -131,7 +131,7 @@ class CollectiveMarker:
 
     def expect_compile(self) -> None:
         """The next entry may wait for peers that are compiling (an elastic job retraced its step)."""
-        self.first = True
+        self.compiling_entry = int(self._entries.numpy()) + 1
 
     def read(self) -> tuple[int, int]:
         entry, step = self._where.numpy().tolist()
@@ -281,10 +281,9 @@ class Watchdog:
         if entry != view.entry:
             view.entry, view.since = entry, now
             view.bound, view.source = self.timeout_s, self._source
-            if view.marker.first:
+            if entry == view.marker.compiling_entry:
                 view.bound = self.timeout_s * COMPILE_FACTOR
                 view.source = f"{COMPILE_FACTOR} x {self._source}, as the first step may still compile on a peer"
-                view.marker.first = False
             return
         if now - view.since > view.bound:
             what = f"of optimizer step {step}" if step > 0 else f"(its call {entry})"  # A tape that knows no step.

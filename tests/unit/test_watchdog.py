@@ -176,7 +176,7 @@ def test_a_compiled_step_stuck_in_its_marked_collective_ends_the_process_naming_
         import tensorflow as tf
         from watchdog import Watchdog
         marker = Watchdog(0.5).marker("the gradient allreduce")
-        marker.first = False  # Not the first entry: no compile allowance.
+        marker.compiling_entry = 0  # No entry gets the compile allowance.
 
         @tf.function
         def stuck(step):
@@ -232,3 +232,30 @@ def test_steps_that_leave_their_marker_are_left_alone_and_the_first_entry_gets_t
 
 def test_a_disarmed_watchdog_makes_no_marker():
     assert Watchdog(None).marker("the gradient allreduce") is None
+
+
+def test_a_later_entry_stuck_gets_the_plain_bound_even_if_no_earlier_entry_was_seen_open():
+    """Fast steps close their entries between the thread's reads: the bound still goes by entry number."""
+    result = run_python(
+        """
+        import time
+        import tensorflow as tf
+        from watchdog import Watchdog
+        marker = Watchdog(0.5).marker("the gradient allreduce")
+
+        @tf.function
+        def step(n):
+            with tf.control_dependencies([marker.enter(n)]):
+                x = tf.identity(n)
+            return marker.leave(x, n)
+
+        for n in range(1, 6):
+            step(tf.constant(n, tf.int64))  # Entries 1..5, each closed within microseconds.
+        marker.enter(tf.constant(6, tf.int64))  # Entry 6 stays open (eagerly: the write happens now).
+        time.sleep(30)
+        print("not reached")
+        """,
+        env={"TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == EXIT_CODE, result.stderr[-2000:]
+    assert "of optimizer step 6 did not complete within 0.5 s (HVDCLIP_STEP_TIMEOUT)" in result.stderr
