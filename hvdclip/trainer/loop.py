@@ -22,7 +22,7 @@ passed only to hand it to callbacks (their `self.trainer`).
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
@@ -37,10 +37,13 @@ from hvdclip.trainer.elastic import ElasticState, run_elastic
 from hvdclip.trainer.engine import Engine
 from hvdclip.trainer.evaluation import Evaluator
 
+if TYPE_CHECKING:  # The facade imports this module.
+    from hvdclip.trainer.trainer import History, HvdClipTrainer
+
 __all__ = ["fit"]
 
 
-def fit(engine: Engine, config: FitConfig, trainer: Any, history: Any) -> None:
+def fit(engine: Engine, config: FitConfig, trainer: HvdClipTrainer, history: History) -> None:
     """Runs `HvdClipTrainer.fit` (whose docstring describes it) with the checked `config`, filling `history`."""
     progress = [ProgressBar(config.verbose, engine.fit_state.epoch_sums)] if config.verbose else []
     hooks = CallbackList(progress + list(config.callbacks), trainer, {"epochs": config.epochs, "steps": None, "verbose": config.verbose})
@@ -71,7 +74,7 @@ def fit(engine: Engine, config: FitConfig, trainer: Any, history: Any) -> None:
 class _Epochs:
     """The epochs of one `fit`, from the position in `engine.fit_state` (0, a checkpoint's, or a commit's)."""
 
-    def __init__(self, engine: Engine, config: FitConfig, hooks: CallbackList, evaluate: Evaluator | None, history: Any) -> None:
+    def __init__(self, engine: Engine, config: FitConfig, hooks: CallbackList, evaluate: Evaluator | None, history: History) -> None:
         self.engine, self.config, self.hooks, self.evaluate, self.history = engine, config, hooks, evaluate, history
         self.began = False  # on_train_begin ran (once, even if an elastic job re-enters `run`).
 
