@@ -14,7 +14,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo bench bench-syncbn bench-cluster bench-colocated profile scaling-doc soak test test-lint test-unit test-parallel test-examples test-launch \
+.PHONY: install demo bench bench-syncbn bench-cluster bench-colocated bench-doors profile scaling-doc soak test test-lint test-unit test-parallel test-examples test-launch \
         test-cluster test-gpu-build test-images clean lint-docker docker-gpu docker-cpu
 
 install: $(STAMP)
@@ -46,6 +46,11 @@ profile: install
 # hvdclip-run, interleaved (about 12 minutes on 2 idle cores); writes benchmarks/results/colocated.json and .md.
 bench-colocated: install
 	timeout 3600 $(PY) -m benchmarks.colocated
+
+# Every door and the clip stage against the hand-written loop on every model, all loops of a model in
+# one 2-rank job with alternating windows (about 4 minutes); writes benchmarks/results/doors.json and .md.
+bench-doors: install
+	timeout 3600 $(PY) -m benchmarks.doors
 
 # Rewrites the generated tables of docs/scaling.md from the cost model, benchmarks/scaling_model.py.
 scaling-doc: install

@@ -85,7 +85,7 @@ def _mirrored_strategy():
     return strategy, int(task["index"]), strategy.num_replicas_in_sync
 
 
-def _make_loop(name: str, spec, batch_size: int, seed: int, strategy):
+def make_loop(name: str, spec, batch_size: int, seed: int, strategy):
     from benchmarks import loops
 
     if name == "mwms":
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = 1000 * rank + 7
     # One-time costs of the process (Keras, tf.function and Horovod lazy set-up) are paid on a
     # throwaway model, so they do not land on the first measured model's time to first step.
-    _make_loop(args.loop, MODELS["small"], args.batch_size, seed, strategy).run(2)
+    make_loop(args.loop, MODELS["small"], args.batch_size, seed, strategy).run(2)
 
     from benchmarks import threads as benchmark_threads
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         per_model_peak = _reset_peak_rss()
         start = time.perf_counter()
-        loop = _make_loop(args.loop, spec, args.batch_size, seed, strategy)
+        loop = make_loop(args.loop, spec, args.batch_size, seed, strategy)
         loop.run(1)
         first_step = time.perf_counter() - start
         if args.warmup:
