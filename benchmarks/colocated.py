@@ -145,7 +145,7 @@ def to_markdown(rows: Mapping[str, Mapping[str, Any]], context: Mapping[str, str
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.colocated", description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="colocated")

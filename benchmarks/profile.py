@@ -424,7 +424,7 @@ def to_markdown(document: Mapping[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     chosen = configs()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="stock,hvdclip-run,hvdclip-run-gloo",
+    parser.add_argument("--configs", default="stock,hvdclip-run-handwritten,hvdclip-run,hvdclip-run-gloo",
                         help=f"comma-separated, from: {', '.join(chosen)}")  # fmt: skip
     parser.add_argument("--steps", type=int, default=200, help="timed steps of each timing job")
     parser.add_argument("--profile-steps", type=int, default=30, help="steps under the profilers")
