@@ -329,13 +329,15 @@ def configs() -> dict[str, Config]:
                    hvdclip_run, "handwritten", 0, 0),  # fmt: skip
             Config("hvdclip-run-gloo", "hvdclip-run --gloo, HvdClipTrainer (threads: the launcher's)",
                    (*hvdclip_run[:-1], "--gloo", "--"), "hvdclip", 0, 0),  # fmt: skip
+            Config("hvdclip-run-gloo-handwritten", "hvdclip-run --gloo, hand-written loop (threads: the launcher's)",
+                   (*hvdclip_run[:-1], "--gloo", "--"), "handwritten", 0, 0),  # fmt: skip
         )
     }
 
 
-def worker_argv(loop: str, steps: int, out: Path, intra: int, inter: int, extra: Sequence[str] = ()) -> list[str]:
+def worker_argv(loop: str, steps: int, out: Path, intra: int, inter: int, extra: Sequence[str] = (), model: str = MODEL) -> list[str]:
     return [
-        sys.executable, "-m", "benchmarks.worker", "--loop", loop, "--model", f"{MODEL}:{steps}", "--warmup", "10",
+        sys.executable, "-m", "benchmarks.worker", "--loop", loop, "--model", f"{model}:{steps}", "--warmup", "10",
         "--batch-size", "64", "--intra-op-threads", str(intra), "--inter-op-threads", str(inter),
         "--launched-at", repr(time.time()), "--out", str(out), *extra,
     ]  # fmt: skip
@@ -362,19 +364,19 @@ def _load() -> float:
     return os.getloadavg()[0]
 
 
-def profile_config(config: Config, steps: int, profile_steps: int, scratch: Path) -> dict[str, Any]:
+def profile_config(config: Config, steps: int, profile_steps: int, scratch: Path, model: str = MODEL) -> dict[str, Any]:
     """The timing job and the profiled job of one configuration."""
     env = job_env(os.environ, config.env)
     timing = scratch / f"{config.name}-timing"
     timing.mkdir()
     load = _load()
-    argv = [*config.launcher, *worker_argv(config.loop, steps, timing, config.intra, config.inter, ["--threads"])]
+    argv = [*config.launcher, *worker_argv(config.loop, steps, timing, config.intra, config.inter, ["--threads"], model)]
     records = _run(argv, env, timing, 900)
     profiled = scratch / f"{config.name}-profile"
     profiled.mkdir()
     timeline = profiled / "timeline.json"
     extra = ["--tf-profile", str(profiled / "tf"), "--profile-steps", str(profile_steps)]
-    argv = [*config.launcher, *worker_argv(config.loop, 20, profiled, config.intra, config.inter, extra)]
+    argv = [*config.launcher, *worker_argv(config.loop, 20, profiled, config.intra, config.inter, extra, model)]
     profile_records = _run(argv, {**env, "HOROVOD_TIMELINE": str(timeline)}, profiled, 900)
     traces = [read_xplane(glob.glob(str(profiled / "tf" / f"rank{r}" / "**" / "*.xplane.pb"), recursive=True)[0])
               for r in range(len(profile_records))]  # fmt: skip
@@ -426,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="stock,hvdclip-run-handwritten,hvdclip-run,hvdclip-run-gloo",
                         help=f"comma-separated, from: {', '.join(chosen)}")  # fmt: skip
+    parser.add_argument("--model", default=MODEL, help="a model of benchmarks/models.py")
     parser.add_argument("--steps", type=int, default=200, help="timed steps of each timing job")
     parser.add_argument("--profile-steps", type=int, default=30, help="steps under the profilers")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -442,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for name in names:
             begin = time.monotonic()
-            results.append(profile_config(chosen[name], args.steps, args.profile_steps, scratch))
+            results.append(profile_config(chosen[name], args.steps, args.profile_steps, scratch, args.model))
             steps = " / ".join(f"{r['step_ms']:.1f}" for r in results[-1]["timing"])
             print(f"[{len(results)}/{len(names)}] {name}: {time.monotonic() - begin:.0f} s, {steps} ms per step",
                   file=sys.stderr, flush=True)  # fmt: skip
@@ -453,10 +456,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python -m benchmarks.profile " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} cores",
-        "model": f"{MODEL}, batch 64 per rank, 2 ranks; timing jobs {args.steps} steps, profiled jobs {args.profile_steps} steps",
+        "model": f"{args.model}, batch 64 per rank, 2 ranks; timing jobs {args.steps} steps, profiled jobs {args.profile_steps} steps",
         "load average (1/5/15 min) before / after": f"{before} / " + " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
-    document = {"context": context, "results": results}
+    document = {"context": context, "model": args.model, "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(document, indent=1) + "\n")
     (args.out / f"{args.name}.md").write_text(to_markdown(document))

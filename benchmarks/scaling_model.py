@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -499,17 +500,49 @@ def ring_table(nets: dict[str, Network], fit: tuple[float, float]) -> list[str]:
     return _table(["link", "GPU", "model"] + [_grouping(g) for g in GROUPINGS], rows)
 
 
-def generated_sections(profiles: dict[str, tuple[Layer, ...]] | None = None, cluster: dict | None = None) -> dict[str, str]:
+def machine_table(profile: dict | None) -> list[str]:
+    """This machine's timeline (benchmarks/results/profile.json) against the model's terms."""
+    if profile is None:
+        return ["(No `benchmarks/results/profile.json` yet: run `make profile`, then `make scaling-doc`.)"]
+    medium_bytes = medium_network(1.0).gradient_bytes
+    rows = []
+    for result in profile["results"]:
+        ranks = result["attribution"]
+        mean = {b: statistics.mean(r["buckets_ms"][b] for r in ranks) for b in ranks[0]["buckets_ms"]}
+        transport_ms = mean["transport"]
+        # 2 (N-1)/N = 1 for N = 2: the bus bandwidth is the gradient's bytes over the transport time.
+        bus = f"{medium_bytes / (transport_ms / 1e3) / 1e9:.2f} GB/s" if transport_ms > 0 and profile.get("model") == "medium" else "–"
+        rows.append([result["label"], f"{statistics.mean(r['step_ms'] for r in ranks):.1f}", f"{mean['compute']:.1f}",
+                     f"{mean['negotiation']:.2f}", f"{1e3 * (TODAY.cycle_s / 2 + negotiation_s(2, TODAY.message_s)):.2f}",
+                     f"{transport_ms:.2f}", bus, f"{mean['fusion-buffer copies']:.2f}"])  # fmt: skip
+    header = ["configuration", "profiled step, ms", "compute, ms", "negotiation, ms", "model: half a cycle + coordination, ms",
+              "transport, ms", "bus bandwidth reached", "fusion copies, ms"]  # fmt: skip
+    context = profile.get("context", {})
+    note = f"From `make profile` ({context.get('date', '?')}; load average before / after: {context.get('load average (1/5/15 min) before / after', '?')})."
+    return _table(header, rows) + ["", note]
+
+
+def _results(name: str) -> dict | None:
+    path = REPO / "benchmarks" / "results" / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def generated_sections(
+    profiles: dict[str, tuple[Layer, ...]] | None = None, cluster: dict | None = None, profile: dict | None = None
+) -> dict[str, str]:
     """Section name -> Markdown, for the `<!-- scaling_model:NAME -->` blocks of docs/scaling.md."""
     nets = networks(profiles if profiles is not None else load_profiles())
     fit = fit_paper(nets)
     if cluster is None:
-        cluster = json.loads((REPO / "benchmarks" / "results" / "cluster.json").read_text())
+        cluster = _results("cluster.json")
+    if profile is None:
+        profile = _results("profile.json")
     error = paper_error(nets, *fit)
     fit_line = (f"Fitted: allreduce efficiency {fit[0]:.2f} of the line rate, compute overhead {100 * fit[1]:.0f} % "
                 f"(root-mean-square error {100 * math.sqrt(error / len(PAPER_MEASURED)):.1f} points).")  # fmt: skip
     return {
         "inputs": "\n".join(inputs_table(nets)),
+        "machine": "\n".join(machine_table(profile)),
         "paper": "\n".join(paper_table(nets, fit) + ["", fit_line]),
         "cluster": "\n".join(cluster_table(cluster)),
         "predictions": "\n".join(prediction_tables(nets, fit)),
