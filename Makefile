@@ -48,7 +48,7 @@ bench-colocated: install
 	timeout 3600 $(PY) -m benchmarks.colocated
 
 # Every door and the clip stage against the hand-written loop on every model, all loops of a model in
-# one 2-rank job with alternating windows (about 4 minutes); writes benchmarks/results/doors.json and .md.
+# one 2-rank job with alternating windows (about 6 minutes); writes benchmarks/results/doors.json and .md.
 bench-doors: install
 	timeout 3600 $(PY) -m benchmarks.doors
 
