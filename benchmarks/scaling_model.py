@@ -431,7 +431,7 @@ def inputs_table(nets: dict[str, Network]) -> list[str]:
         flops = sum(layer.flops for layer in net.layers) / 1e9
         rows.append([net.name, f"{net.params / 1e6:.1f} M", f"{net.gradient_bytes / 1e6:.0f}", str(tensors), f"{flops:.1f}",
                      str(net.batch), f"{1e3 * net.step_s:.0f}", net.source])  # fmt: skip
-    header = ["model", "parameters", "gradient, MB", "gradient tensors", "forward GFLOPs per example", "batch per GPU",
+    header = ["model", "parameters", "gradient, MB", "layers with weights", "forward GFLOPs per example", "batch per GPU",
               "one-GPU step, ms", "step time from"]  # fmt: skip
     return _table(header, rows)
 
