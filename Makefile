@@ -14,7 +14,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo bench bench-syncbn bench-cluster bench-colocated bench-doors profile scaling-doc soak test test-lint test-unit test-parallel test-examples test-launch \
+.PHONY: install demo bench bench-syncbn bench-cluster bench-colocated bench-doors profile scaling-doc performance-doc soak test test-lint test-unit test-parallel test-examples test-launch \
         test-cluster test-gpu-build test-images clean lint-docker docker-gpu docker-cpu
 
 install: $(STAMP)
@@ -52,9 +52,14 @@ bench-colocated: install
 bench-doors: install
 	timeout 3600 $(PY) -m benchmarks.doors
 
-# Rewrites the generated tables of docs/scaling.md from the cost model, benchmarks/scaling_model.py.
+# Rewrites the generated tables of docs/scaling.md from the cost model, benchmarks/scaling_model.py
+# (and this machine's from benchmarks/results/profile.json).
 scaling-doc: install
 	$(PY) -m benchmarks.scaling_model --write
+
+# Copies benchmarks/results/{colocated,profile,doors}.md into docs/performance.md's tables.
+performance-doc: install
+	$(PY) -m benchmarks.results_doc
 
 # SyncBatchNormalization vs BatchNormalization on a small CNN, 2 ranks side by side (about 2 minutes);
 # writes benchmarks/results/sync_batch_norm.json.

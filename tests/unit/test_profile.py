@@ -151,3 +151,18 @@ def test_doors_are_judged_on_the_slower_ranks_windows_in_one_job():
     assert by_goal["Keras-fit door ≥ 0.97× the hand-written loop"]["met"] is False
     table = doors.to_markdown({"small": result}, {"load": "0"})
     assert "| Keras-fit door ≥ 0.97× the hand-written loop | ≥ 0.97 | 0.917× **missed** |" in table
+
+
+def test_docs_performance_shows_the_last_results(tmp_path):
+    from benchmarks import results_doc
+
+    document = results_doc.DOC.read_text()
+    assert results_doc.render(document) == document, (
+        "docs/performance.md does not show benchmarks/results/*.md: run `make performance-doc`"
+    )
+    (tmp_path / "profile.md").write_text("### a heading\n\n| a |\n")
+    page = "x\n<!-- results:profile -->\nold\n<!-- /results -->\n<!-- results:doors -->\n<!-- /results -->\n"
+    assert results_doc.render(page, tmp_path) == (
+        "x\n<!-- results:profile -->\n**a heading**\n\n| a |\n<!-- /results -->\n"
+        "<!-- results:doors -->\n(No `benchmarks/results/doors.md` yet: run `make bench-doors`.)\n<!-- /results -->\n"
+    )
