@@ -53,6 +53,7 @@ __all__ = [
     "TimelineSpan",
     "attribute",
     "intersect",
+    "parse_cycles",
     "parse_timeline",
     "read_xplane",
     "subtract",
@@ -145,18 +146,29 @@ class TimelineSpan:
     top_level: bool
 
 
-def parse_timeline(text: str) -> list[TimelineSpan]:
-    """The spans of a Horovod timeline file (Chrome trace JSON; the closing bracket may be missing).
-
-    Each tensor is one `pid`; its phases are nested `B`/`E` pairs: a top-level phase and the
-    activities inside it.
-    """
+def _timeline_events(text: str) -> tuple[list[dict], float]:
     body = text.strip().rstrip(",")
     if not body.endswith("]"):
         body += "]"
     events = json.loads(body)
     origin = next((e["args"]["start_time_since_epoch_in_micros"] for e in events
                    if e.get("ph") == "M" and "start_time_since_epoch_in_micros" in e.get("args", {})), 0)  # fmt: skip
+    return events, origin
+
+
+def parse_cycles(text: str) -> list[float]:
+    """When each of Horovod's cycles started (`HOROVOD_TIMELINE_MARK_CYCLES=1`), in Unix seconds."""
+    events, origin = _timeline_events(text)
+    return sorted((origin + e["ts"]) / 1e6 for e in events if e.get("ph") == "i" and e.get("name") == "CYCLE_START")
+
+
+def parse_timeline(text: str) -> list[TimelineSpan]:
+    """The spans of a Horovod timeline file (Chrome trace JSON; the closing bracket may be missing).
+
+    Each tensor is one `pid`; its phases are nested `B`/`E` pairs: a top-level phase and the
+    activities inside it.
+    """
+    events, origin = _timeline_events(text)
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name" and "name" in e.get("args", {})}
     stacks: dict[int, list[tuple[str, float]]] = {}
     spans = []
@@ -273,11 +285,12 @@ def _buckets(rank: int, traces: Sequence[RankTrace], spans: Sequence[TimelineSpa
     return out
 
 
-def attribute(traces: Sequence[RankTrace], spans: Sequence[TimelineSpan]) -> list[dict[str, Any]]:
+def attribute(traces: Sequence[RankTrace], spans: Sequence[TimelineSpan], cycles: Sequence[float] = ()) -> list[dict[str, Any]]:
     """Per rank: the mean over the profiled steps of the step time and of each bucket, in ms (the
     buckets add up to the step), and the median step.
 
-    Steps are matched across ranks by position (every rank profiles the same steps).
+    Steps are matched across ranks by position (every rank profiles the same steps). With `cycles`
+    (the timeline's cycle marks), also the mean number of Horovod cycles that started per step.
     """
     count = min(len(trace.steps) for trace in traces)
     out = []
@@ -290,6 +303,8 @@ def attribute(traces: Sequence[RankTrace], spans: Sequence[TimelineSpan]) -> lis
             "step_ms": statistics.mean(step_ms) if step_ms else None,
             "median_step_ms": statistics.median(step_ms) if step_ms else None,
             "buckets_ms": {b: 1000 * statistics.mean(p[b] for p in per_step) for b in BUCKETS} if per_step else {},
+            "cycles_per_step": (sum(1 for t in cycles for s, e in traces[rank].steps[:count] if s <= t < e) / count
+                                if cycles and count else None),
         })  # fmt: skip
     return out
 
@@ -377,10 +392,11 @@ def profile_config(config: Config, steps: int, profile_steps: int, scratch: Path
     timeline = profiled / "timeline.json"
     extra = ["--tf-profile", str(profiled / "tf"), "--profile-steps", str(profile_steps)]
     argv = [*config.launcher, *worker_argv(config.loop, 20, profiled, config.intra, config.inter, extra, model)]
-    profile_records = _run(argv, {**env, "HOROVOD_TIMELINE": str(timeline)}, profiled, 900)
+    profile_records = _run(argv, {**env, "HOROVOD_TIMELINE": str(timeline), "HOROVOD_TIMELINE_MARK_CYCLES": "1"}, profiled, 900)
     traces = [read_xplane(glob.glob(str(profiled / "tf" / f"rank{r}" / "**" / "*.xplane.pb"), recursive=True)[0])
               for r in range(len(profile_records))]  # fmt: skip
-    spans = parse_timeline(timeline.read_text()) if timeline.exists() else []
+    text = timeline.read_text() if timeline.exists() else "[]"
+    spans, cycles = parse_timeline(text), parse_cycles(text)
     return {
         "config": config.name,
         "label": config.label,
@@ -389,7 +405,7 @@ def profile_config(config: Config, steps: int, profile_steps: int, scratch: Path
                     "threads": r["models"][0].get("threads", {}), "roles_from_stacks": r["models"][0].get("thread_roles_from_stacks")}
                    for r in sorted(records, key=lambda r: r["rank"])],
         "profiled_step_ms": [1000 * r["models"][0]["step_s"] for r in sorted(profile_records, key=lambda r: r["rank"])],
-        "attribution": attribute(traces, spans),
+        "attribution": attribute(traces, spans, cycles),
         "timeline_spans": len(spans),
     }  # fmt: skip
 
@@ -408,6 +424,10 @@ def to_markdown(document: Mapping[str, Any]) -> str:
         for row in result["attribution"]:
             cells = [f"{row['buckets_ms'].get(b, 0):.2f}" for b in BUCKETS]
             parts.append(f"| {row['rank']} | {row['step_ms']:.2f} | " + " | ".join(cells) + " |")
+        cycles = [row.get("cycles_per_step") for row in result["attribution"]]
+        if all(c is not None for c in cycles):
+            parts += ["", "Horovod cycles per profiled step (the timeline's cycle marks; each runs a coordination collective, "
+                      "work or not): " + " / ".join(f"{c:.1f}" for c in cycles) + "."]  # fmt: skip
         parts += ["", "CPU per step by thread (timing job, ms of CPU per step; threads; context switches per step, voluntary / involuntary):", "",
                   "| thread | " + " | ".join(f"rank {r['rank']}" for r in timing) + " |", "|---|" + "---|" * len(timing)]  # fmt: skip
         roles = list(dict.fromkeys(role for r in timing for role in r["threads"]))

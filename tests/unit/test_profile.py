@@ -9,7 +9,7 @@ import json
 import pytest
 
 from benchmarks import colocated, threads
-from benchmarks.profile import BUCKETS, RankTrace, attribute, intersect, parse_timeline, subtract, union
+from benchmarks.profile import BUCKETS, RankTrace, attribute, intersect, parse_cycles, parse_timeline, subtract, union
 
 MS = 1e-3
 
@@ -37,6 +37,8 @@ def _timeline(origin_us: int = 1_000_000) -> str:
         {"ph": "E", "ts": 8800, "pid": 1},
         {"ph": "E", "ts": 9000, "pid": 1, "args": {"dtype": "float32"}},
     ]
+    # Cycle marks (HOROVOD_TIMELINE_MARK_CYCLES=1) carry no pid.
+    events += [{"ph": "i", "name": "CYCLE_START", "ts": ts, "s": "g"} for ts in (4000, 5000, 6000, 6600, 12000)]
     # Horovod writes the closing bracket only when it shuts down cleanly.
     return "[\n" + ",\n".join(json.dumps(e) for e in events) + ","
 
@@ -57,7 +59,8 @@ def test_each_instant_of_a_step_goes_to_one_bucket():
     spans = parse_timeline(_timeline())
     rank0 = RankTrace(steps=[(t0, t0 + 10 * MS)], ops=[(t0, t0 + 5 * MS)], enqueued=[t0 + 5 * MS], done=[t0 + 9.2 * MS])
     rank1 = RankTrace(steps=[(t0, t0 + 10 * MS)], ops=[(t0, t0 + 6 * MS)], enqueued=[t0 + 6 * MS], done=[t0 + 9.1 * MS])
-    [zero, one] = attribute([rank0, rank1], spans)
+    [zero, one] = attribute([rank0, rank1], spans, parse_cycles(_timeline()))
+    assert zero["cycles_per_step"] == one["cycles_per_step"] == 4  # at 4, 5, 6 and 6.6 ms; 12 ms is after the step
     expected0 = {"compute": 5, "transport": 1.5, "fusion-buffer copies": 0.6, "Horovod bookkeeping": 0.3,
                  "waiting for the other rank": 1.0, "negotiation": 0.5, "hand-back": 0.2, "host, other": 0.9}  # fmt: skip
     assert zero["buckets_ms"] == pytest.approx(expected0)
