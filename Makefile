@@ -14,7 +14,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo bench bench-syncbn bench-cluster soak test test-lint test-unit test-parallel test-examples test-launch test-horovod-api \
+.PHONY: install demo bench bench-syncbn bench-cluster bench-colocated bench-doors profile scaling-doc performance-doc soak test test-lint test-unit test-parallel test-examples test-launch test-horovod-api \
         test-cluster test-gpu-build test-images clean lint-docker docker-gpu docker-cpu
 
 install: $(STAMP)
@@ -35,6 +35,31 @@ demo: install
 # hvdclip side by side with the alternatives (about 15 minutes on 2 cores); writes benchmarks/results/.
 bench: install
 	$(PY) -m benchmarks
+
+# Where each step of a 2-rank job goes, per rank: Horovod's timeline, TensorFlow's profiler and every
+# thread's CPU time, for stock horovodrun and hvdclip-run (about 8 minutes on 2 idle cores); writes
+# benchmarks/results/profile.json and .md, the tables of docs/performance.md.
+profile: install
+	timeout 3600 $(PY) -m benchmarks.profile
+
+# 2 ranks on one host against two independent 1-rank jobs at the same time, stock horovodrun beside
+# hvdclip-run, interleaved (about 12 minutes on 2 idle cores); writes benchmarks/results/colocated.json and .md.
+bench-colocated: install
+	timeout 3600 $(PY) -m benchmarks.colocated
+
+# Every door and the clip stage against the hand-written loop on every model, all loops of a model in
+# one 2-rank job with alternating windows (about 6 minutes); writes benchmarks/results/doors.json and .md.
+bench-doors: install
+	timeout 3600 $(PY) -m benchmarks.doors
+
+# Rewrites the generated tables of docs/scaling.md from the cost model, benchmarks/scaling_model.py
+# (and this machine's from benchmarks/results/profile.json).
+scaling-doc: install
+	$(PY) -m benchmarks.scaling_model --write
+
+# Copies benchmarks/results/{colocated,profile,doors}.md into docs/performance.md's tables.
+performance-doc: install
+	$(PY) -m benchmarks.results_doc
 
 # SyncBatchNormalization vs BatchNormalization on a small CNN, 2 ranks side by side (about 2 minutes);
 # writes benchmarks/results/sync_batch_norm.json.

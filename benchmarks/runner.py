@@ -30,7 +30,7 @@ from benchmarks.models import MODELS
 from benchmarks.report import summarize, to_markdown
 from benchmarks.variants import BASELINE, DEFAULT_STEPS, VARIANTS, Variant
 
-__all__ = ["BenchSettings", "BenchmarkError", "job_commands", "main", "plan", "run"]
+__all__ = ["BenchSettings", "BenchmarkError", "job_commands", "main", "plan", "run", "run_processes"]
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -149,7 +149,7 @@ def job_commands(
     return commands
 
 
-def _run_processes(commands: Sequence[tuple[list[str], dict[str, str]]], logs: Path, timeout_s: float) -> None:
+def run_processes(commands: Sequence[tuple[list[str], dict[str, str]]], logs: Path, timeout_s: float) -> None:
     """Starts every command and waits for all; on a failure or timeout stops the rest and raises."""
     procs = []
     for i, (argv, env) in enumerate(commands):
@@ -228,7 +228,7 @@ def run(settings: BenchSettings, *, command: str = "python -m benchmarks", log=s
         begin, load = time.monotonic(), os.getloadavg()[0]
         commands = job_commands(settings, job.variant, out, env, launched_at=time.time(), ports=ports, gpus=gpus)
         # Past the launcher's own --timeout: it gets the first chance to stop its ranks cleanly.
-        _run_processes(commands, out, settings.job_timeout_s + 60)
+        run_processes(commands, out, settings.job_timeout_s + 60)
         records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
         results.append({"variant": job.variant.name, "repeat": job.repeat, "load_1min_at_start": load, "ranks": records})
         times = "  ".join(f"{m['model']} {1000 * m['step_s']:.2f} ms" for m in records[0]["models"])

@@ -5,6 +5,11 @@ MultiWorkerMirroredStrategy loop). For each model in turn it builds the loop, ti
 step (model construction through the first finished step: build, start-up broadcast, tracing),
 runs the warm-up steps, times `steps` steps, and reads the process's peak RSS for that model.
 It writes `DIR/rank<r>.json`.
+
+For `make profile` and `make bench-colocated` (benchmarks/profile.py, benchmarks/colocated.py) it
+can also: start each timed window together with other jobs (`--barrier`), record every thread's
+CPU time over the window and, at the end, what each thread is (`--threads`), and run a few more
+steps under TensorFlow's profiler (`--tf-profile`).
 """
 
 from __future__ import annotations
@@ -28,11 +33,31 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", action="append", required=True, metavar="NAME:STEPS", help="repeatable; run in order")
     parser.add_argument("--warmup", type=int, required=True, help="untimed steps after the first one")
     parser.add_argument("--batch-size", type=int, required=True, help="per rank")
-    parser.add_argument("--intra-op-threads", type=int, required=True)
-    parser.add_argument("--inter-op-threads", type=int, required=True)
+    parser.add_argument("--intra-op-threads", type=int, required=True, help="0: TensorFlow's default (or TF_NUM_INTRAOP_THREADS)")
+    parser.add_argument("--inter-op-threads", type=int, required=True, help="0: TensorFlow's default (or TF_NUM_INTEROP_THREADS)")
     parser.add_argument("--launched-at", type=float, required=True, help="time.time() when the runner started the job")
     parser.add_argument("--out", required=True, help="directory for rank<r>.json")
+    parser.add_argument("--barrier", metavar="DIR:N", help="start each timed window once N processes have reached it")
+    parser.add_argument("--threads", action="store_true", help="record each thread's CPU time over the window, and its role")
+    parser.add_argument("--tf-profile", metavar="DIR", help="after the last window, run --profile-steps steps under tf.profiler into DIR/rank<r>")
+    parser.add_argument("--profile-steps", type=int, default=20)
     return parser.parse_args(argv)
+
+
+_BARRIER_TIMEOUT_S = 300.0
+
+
+def _wait_at_barrier(spec: str, name: str) -> None:
+    """Marks this process as arrived at barrier `name` in DIR and waits (bounded) until N have."""
+    directory, _, count = spec.rpartition(":")
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{name}.{os.getpid()}"), "w"):
+        pass
+    deadline = time.monotonic() + _BARRIER_TIMEOUT_S
+    while sum(entry.startswith(f"{name}.") for entry in os.listdir(directory)) < int(count):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"benchmarks.worker: {count} processes did not reach barrier {name!r} within {_BARRIER_TIMEOUT_S:g} s")
+        time.sleep(0.005)
 
 
 def _reset_peak_rss() -> bool:
@@ -60,7 +85,7 @@ def _mirrored_strategy():
     return strategy, int(task["index"]), strategy.num_replicas_in_sync
 
 
-def _make_loop(name: str, spec, batch_size: int, seed: int, strategy):
+def make_loop(name: str, spec, batch_size: int, seed: int, strategy):
     from benchmarks import loops
 
     if name == "mwms":
@@ -77,13 +102,27 @@ def _make_loop(name: str, spec, batch_size: int, seed: int, strategy):
     return loops.SeedLoop(spec, batch_size, seed)
 
 
+def _profile(loop, steps: int, directory: str) -> None:
+    """`steps` more steps under TensorFlow's profiler (host ops, no Python tracing), into `directory`."""
+    import tensorflow as tf
+
+    options = tf.profiler.experimental.ProfilerOptions(host_tracer_level=2, python_tracer_level=0, device_tracer_level=0)
+    tf.profiler.experimental.start(directory, options=options)
+    try:
+        loop.run(steps)
+    finally:
+        tf.profiler.experimental.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     import tensorflow as tf
 
     # Before any op runs: thread pools are fixed when TensorFlow's runtime starts.
-    tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
+    if args.intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+    if args.inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
     import horovod
     import keras
 
@@ -99,26 +138,35 @@ def main(argv: list[str] | None = None) -> int:
     seed = 1000 * rank + 7
     # One-time costs of the process (Keras, tf.function and Horovod lazy set-up) are paid on a
     # throwaway model, so they do not land on the first measured model's time to first step.
-    _make_loop(args.loop, MODELS["small"], args.batch_size, seed, strategy).run(2)
+    make_loop(args.loop, MODELS["small"], args.batch_size, seed, strategy).run(2)
 
-    results = []
-    for item in args.model:
+    from benchmarks import threads as benchmark_threads
+
+    results, usage = [], {}
+    for index, item in enumerate(args.model):
         name, steps = item.split(":")
         spec, steps = MODELS[name], int(steps)
         keras.utils.set_random_seed(1234)
         gc.collect()
         per_model_peak = _reset_peak_rss()
         start = time.perf_counter()
-        loop = _make_loop(args.loop, spec, args.batch_size, seed, strategy)
+        loop = make_loop(args.loop, spec, args.batch_size, seed, strategy)
         loop.run(1)
         first_step = time.perf_counter() - start
         if args.warmup:
             loop.run(args.warmup)
+        if args.barrier:
+            _wait_at_barrier(args.barrier, f"window{len(results)}")
+        threads_before = benchmark_threads.sample() if args.threads else None
+        wall_start = time.time()
         start, cpu_start = time.perf_counter(), time.process_time()
         loop.run(steps)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if threads_before is not None:
+            usage[len(results)] = (benchmark_threads.delta(threads_before, benchmark_threads.sample()), steps)
         results.append(
             {
+                "window_start_unix_s": wall_start,
                 "model": name,
                 "params": int(loop.model.count_params()),
                 "steps": steps,
@@ -129,8 +177,16 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_rss_is_per_model": per_model_peak,
             }
         )
+        if args.tf_profile and index == len(args.model) - 1:
+            _profile(loop, args.profile_steps, os.path.join(args.tf_profile, f"rank{rank}"))
         del loop
 
+    if args.threads:
+        roles = benchmark_threads.identify()
+        for index, model in enumerate(results):
+            window, steps = usage[index]
+            model["threads"] = benchmark_threads.summarize(window, roles, steps)
+            model["thread_roles_from_stacks"] = roles is not None
     record = {
         "rank": rank,
         "size": size,

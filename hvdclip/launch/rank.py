@@ -3,10 +3,14 @@
 It sets the rank up, then replaces itself with COMMAND (same pid, so signals and the exit status are
 the command's own):
 
-- **Thread limits.** With more ranks on a host than cores, every rank's TensorFlow would start a
-  thread per core in two pools, and OpenMP as many again: the ranks then spend their time switching.
-  Unless the user set them, OMP_NUM_THREADS, TF_NUM_INTRAOP_THREADS and TF_NUM_INTEROP_THREADS become
-  cores // ranks-on-this-host (at least 1), and rank 0 says so once.
+- **Thread limits.** With at least as many ranks on a host as cores, every rank's TensorFlow would
+  start a thread per core in two pools, and OpenMP as many again: the ranks then spend their time
+  switching, and Horovod's background thread finds no core free. Unless the user set them,
+  OMP_NUM_THREADS, TF_NUM_INTRAOP_THREADS and TF_NUM_INTEROP_THREADS become cores // ranks-on-this-host
+  (at least 1), and rank 0 says so once.
+- **Open MPI yields when idle** on such a host (`OMPI_MCA_mpi_yield_when_idle=1`, unless set): a
+  rank waiting in an MPI call polls, and without yielding it holds a core the other rank's compute
+  needs (docs/performance.md measures it). It changes nothing under Gloo.
 - **Quiet start-up.** TensorFlow writes INFO lines (oneDNN, CPU features) through absl before its
   logging is initialised, so TF_CPP_MIN_LOG_LEVEL cannot silence them: 4-6 lines per rank. Unless
   `--verbose`, stderr goes through a small filter process that drops exactly those lines and passes
@@ -22,9 +26,10 @@ import re
 import sys
 from collections.abc import Mapping, MutableMapping, Sequence
 
-__all__ = ["NOISE", "THREAD_VARIABLES", "local_ranks", "main", "thread_limits"]
+__all__ = ["NOISE", "THREAD_VARIABLES", "YIELD_VARIABLE", "local_ranks", "main", "thread_limits"]
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+YIELD_VARIABLE = "OMPI_MCA_mpi_yield_when_idle"
 # How each launcher tells a rank how many ranks share its host, and which rank it is.
 _LOCAL_SIZE_VARIABLES = ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE")
 _RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
@@ -53,12 +58,15 @@ def _cores() -> int:
 
 
 def thread_limits(environ: Mapping[str, str], cores: int) -> dict[str, str]:
-    """The thread variables to set: none unless ranks outnumber cores, and never one the user set."""
+    """The variables to set on a host whose cores the ranks fill: the thread pools' sizes and Open
+    MPI's yield when idle. None unless ranks >= cores, and never one the user set."""
     ranks = local_ranks(environ)
-    if ranks is None or ranks <= cores:
+    if ranks is None or ranks < cores or ranks == 1:
         return {}
     per_rank = str(max(1, cores // ranks))
-    return {name: per_rank for name in THREAD_VARIABLES if name not in environ}
+    limits = {name: per_rank for name in THREAD_VARIABLES}
+    limits[YIELD_VARIABLE] = "1"
+    return {name: value for name, value in limits.items() if name not in environ}
 
 
 def _filter_stderr() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hvdclip.launch.horovodrun import split_own_options
-from hvdclip.launch.rank import NOISE, THREAD_VARIABLES, thread_limits
+from hvdclip.launch.rank import NOISE, THREAD_VARIABLES, YIELD_VARIABLE, thread_limits
 
 REPO = Path(__file__).resolve().parents[2]
 # What TensorFlow 2.21 writes on import and on its first op (tests/launcher shows it per rank).
@@ -25,19 +25,27 @@ STARTUP_NOISE = textwrap.dedent(
 KEPT = "W0000 00:00:1795846787.9 19888 op.cc:1] a real warning\nTraceback (most recent call last):\nI am a user's line\n"
 
 
+FILLED = {**{name: "1" for name in THREAD_VARIABLES}, YIELD_VARIABLE: "1"}
+
+
 @pytest.mark.parametrize(
     "environ, cores, expected",
     [
-        ({"HOROVOD_LOCAL_SIZE": "8"}, 2, {name: "1" for name in THREAD_VARIABLES}),
+        ({"HOROVOD_LOCAL_SIZE": "8"}, 2, FILLED),
+        ({"HOROVOD_LOCAL_SIZE": "2"}, 2, FILLED),  # as many ranks as cores: no core left for Horovod's thread
+        ({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, 4, FILLED),
         ({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, 16, {}),  # enough cores: TensorFlow's own choice stands
         ({"OMPI_COMM_WORLD_LOCAL_SIZE": "3", "OMP_NUM_THREADS": "2"}, 8, {}),
-        ({"OMPI_COMM_WORLD_LOCAL_SIZE": "4", "OMP_NUM_THREADS": "3"}, 2, {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}),
+        ({"OMPI_COMM_WORLD_LOCAL_SIZE": "4", "OMP_NUM_THREADS": "3"}, 2,
+         {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", YIELD_VARIABLE: "1"}),
+        ({"HOROVOD_LOCAL_SIZE": "2", YIELD_VARIABLE: "0"}, 2, {name: "1" for name in THREAD_VARIABLES}),
         ({"HOROVOD_LOCAL_SIZE": "3"}, 8, {}),
-        ({"HOROVOD_LOCAL_SIZE": "5"}, 4, {name: "1" for name in THREAD_VARIABLES}),
+        ({"HOROVOD_LOCAL_SIZE": "5"}, 4, FILLED),
+        ({"HOROVOD_LOCAL_SIZE": "1"}, 1, {}),  # one rank has nobody to share with
         ({}, 1, {}),  # no launcher told us how many ranks share the host
     ],
-)
-def test_thread_limits_only_when_ranks_outnumber_cores_and_never_over_the_users(environ, cores, expected):
+)  # fmt: skip
+def test_thread_limits_only_when_ranks_fill_the_cores_and_never_over_the_users(environ, cores, expected):
     assert thread_limits(environ, cores) == expected
 
 
@@ -55,7 +63,8 @@ def test_rank_zero_says_once_that_threads_are_limited_and_the_command_sees_the_l
     assert zero.stdout == "1 1 1\n"
     assert zero.stderr == (
         f"hvdclip-run: {crowd} ranks share {cores} cores on this host; each rank runs with OMP_NUM_THREADS=1 "
-        "TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 (set them yourself to choose otherwise).\n"
+        "TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 OMPI_MCA_mpi_yield_when_idle=1 (set them yourself "
+        "to choose otherwise).\n"
     )
     other = rank({"HOROVOD_RANK": "1", "HOROVOD_LOCAL_SIZE": crowd, "OMP_NUM_THREADS": "4"}, *show)
     assert (other.stdout, other.stderr) == ("4 1 1\n", "")

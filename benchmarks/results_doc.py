@@ -1,0 +1,51 @@
+"""`python -m benchmarks.results_doc` (`make performance-doc`): docs/performance.md's tables from the results.
+
+Each `<!-- results:NAME -->` ... `<!-- /results -->` block of docs/performance.md gets the
+contents of benchmarks/results/NAME.md, as `make profile`, `make bench-colocated` and
+`make bench-doors` last wrote them, set-up and load included. A block whose results file is
+missing says which target writes it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+__all__ = ["render"]
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "performance.md"
+RESULTS = REPO / "benchmarks" / "results"
+TARGETS = {"colocated": "make bench-colocated", "profile": "make profile", "doors": "make bench-doors"}
+_BLOCK = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
+
+
+def _demote(markdown: str) -> str:
+    """Headings of a results file become bold lines, so they do not break the page's outline."""
+    return re.sub(r"^#+ (.*)$", r"**\1**", markdown, flags=re.M)
+
+
+def render(document: str, results: Path = RESULTS) -> str:
+    """`document` with every results block replaced by its results file (or a note to run its target)."""
+
+    def block(match: re.Match) -> str:
+        name = match.group(2)
+        path = results / f"{name}.md"
+        if path.exists():
+            body = _demote(path.read_text().strip())
+        else:
+            body = f"(No `benchmarks/results/{name}.md` yet: run `{TARGETS.get(name, 'its benchmark')}`.)"
+        return match.group(1) + body + "\n" + match.group(4)
+
+    return _BLOCK.sub(block, document)
+
+
+def main() -> int:
+    DOC.write_text(render(DOC.read_text()))
+    print(f"written: {DOC}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
