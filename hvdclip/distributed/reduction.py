@@ -73,10 +73,15 @@ class Reduction:
             `hvd.Adasum` (Adasum: dense gradients only).
         gradient_predivide_factor: with `"average"`, divide by this before the sum and by
             `size / factor` after it (Horovod's option; 1.0 divides once, after).
-        groups: how many grouped allreduces carry the dense gradients: 1 (the default) sends
-            them all as one group; 0 gives each gradient its own allreduce, left to Horovod's
-            fusion buffer to batch; n > 1 splits them into n groups; or a list of lists of
-            variables, one group each (Horovod's `groups`).
+        groups: how many grouped allreduces carry the dense gradients: 1 sends them all as one
+            group, after the whole backward pass; 0 gives each gradient its own allreduce, which
+            Horovod's fusion buffer batches as gradients become ready, overlapping the reduction
+            with the rest of the backward pass; n > 1 splits them into n groups; or a list of
+            lists of variables, one group each (Horovod's `groups`). None (the default) is 1 on
+            CPU, where one group ties or wins (`make bench`), and 0 where TensorFlow sees a GPU
+            and Horovod has NCCL, where `docs/scaling.md`'s model says one group gives up the
+            overlap (ResNet-50 at 25 Gbit/s: about 91 % efficiency per gradient, 76 % as one
+            group).
         process_set: a Horovod `ProcessSet` to reduce over; None means every rank.
         device_dense, device_sparse: the devices Horovod reduces dense and sparse gradients on
             ("" lets Horovod choose: the GPU where it was built with GPU operations).
@@ -90,7 +95,7 @@ class Reduction:
     sparse_as_dense: bool = False
     op: Any = "average"
     gradient_predivide_factor: float = 1.0
-    groups: Any = 1
+    groups: Any = None
     process_set: Any = None
     device_dense: str = ""
     device_sparse: str = ""
@@ -122,7 +127,7 @@ class Reduction:
                     f"Received: groups={self.groups!r}"
                 )
             groups = tuple(tuple(as_tf_variables(group)) for group in groups)
-        else:
+        elif groups is not None:
             groups = check_int("groups", groups, ge=0)
         for device in ("device_dense", "device_sparse"):
             if not isinstance(getattr(self, device), str):
@@ -136,9 +141,17 @@ class Reduction:
         object.__setattr__(self, "gradient_predivide_factor", float(factor))
         object.__setattr__(self, "groups", groups)
 
+    @property
+    def resolved_groups(self) -> Any:
+        """`groups`, with None decided for this machine: 0 on a GPU with NCCL, else 1."""
+        if self.groups is not None:
+            return self.groups
+        return 0 if hvd.nccl_built() and tf.config.list_physical_devices("GPU") else 1
+
     def options(self) -> dict:
         """The keyword arguments `hvd.DistributedGradientTape` takes for this reduction."""
-        groups = [list(group) for group in self.groups] if isinstance(self.groups, tuple) else self.groups or None
+        resolved = self.resolved_groups
+        groups = [list(group) for group in resolved] if isinstance(resolved, tuple) else resolved or None
         return {
             "device_dense": self.device_dense,
             "device_sparse": self.device_sparse,

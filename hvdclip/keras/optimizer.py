@@ -169,7 +169,7 @@ class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
             "skip_nonfinite": skip_nonfinite,
             "reduction": {"compression": reduction.compression, "sparse_as_dense": reduction.sparse_as_dense,
                           "op": reduction.op, "gradient_predivide_factor": reduction.gradient_predivide_factor,
-                          "groups": reduction.groups if isinstance(reduction.groups, int) else 0,
+                          "groups": reduction.groups if reduction.groups is None or isinstance(reduction.groups, int) else 0,
                           "device_dense": reduction.device_dense, "device_sparse": reduction.device_sparse},
         }  # fmt: skip
         # Set by `hvdclip.keras.broadcast_initial_state` (which BroadcastGlobalVariablesCallback runs):

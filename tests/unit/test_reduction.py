@@ -119,3 +119,13 @@ def test_flags_ride_in_the_smallest_dense_gradient_and_cost_no_collective_of_the
     without, with_vote = collectives(None), collectives(tf.constant(True))
     assert len(without) == len(with_vote) == 1, with_vote  # One grouped allreduce either way.
     assert without[0][0] == with_vote[0][0] == "HorovodGroupedAllreduce"
+
+
+def test_the_default_grouping_is_one_group_on_cpu_and_per_gradient_on_a_gpu_with_nccl(monkeypatch):
+    assert Reduction().resolved_groups == 1  # This machine: no GPU.
+    assert Reduction(groups=0).resolved_groups == 0 and Reduction(groups=3).resolved_groups == 3
+    stand_in = [tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")]
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: stand_in if kind == "GPU" else [])
+    monkeypatch.setattr(hvd, "nccl_built", lambda: True)
+    assert Reduction().resolved_groups == 0 and Reduction().options()["groups"] is None  # Horovod's "per gradient".
+    assert Reduction(groups=1).resolved_groups == 1, "an explicit choice wins"
