@@ -89,7 +89,7 @@ class Grow(hvdclip.Callback):
                 f.write(f"{self.host}:1\n")
             self.added_at = time.monotonic()
         if time.monotonic() - self.added_at < GROW_WAIT_S:
-            time.sleep(0.2)  # Leave the driver time to discover the host and start its worker.
+            time.sleep(1.0)  # Leave the driver time to discover the host and start its worker (a busy machine takes 20 s).
 
 
 def finish(out, job, extra):
