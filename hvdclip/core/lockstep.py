@@ -31,7 +31,6 @@ import tensorflow as tf
 
 from hvdclip.distributed.collectives import agree_min, allgather_int64
 from hvdclip.distributed.watchdog import default_watchdog
-from hvdclip.validation import check_bool
 
 __all__ = ["EpochLength", "Lockstep", "agree_epoch_length", "UNKNOWN", "INFINITE"]
 
@@ -92,27 +91,27 @@ def agree_epoch_length(count: int, steps_per_epoch: int | None, argument: str = 
 class Lockstep:
     """This rank's batches, one step ahead, ending every rank's loop after the same step.
 
+    For data whose length some rank does not know (with every rank's length known, agree on the
+    shortest instead: `agree_epoch_length`, and no vote is needed).
+
     Args:
         batches: this rank's batches (a `tf.data.Dataset`, an iterator, or any iterable).
         clipper: the `hvdclip.Clipper` whose steps consume them; its accumulation decides the
             window, and its last vote when to stop.
-        equal_lengths: every rank has the same number of batches (agreed beforehand, as
-            `agree_epoch_length` does). The vote then only guards against a count that was
-            wrong, asking "is there a next batch?" at each window's end, and an accumulation
-            window may continue into the next pass over the data. Otherwise (the default) the
-            vote asks for a whole next window, and before the first batch the ranks agree (one
-            small allreduce) that each has a first window.
 
     Yields `(batch, has_next)`, `has_next` a bool scalar tensor to pass to the step's
-    `DistributedGradientTape(..., has_data=has_next)` (or `Clipper.step(..., has_data=...)`).
-    After each step that voted, the loop stops on every rank if some rank has nothing more.
+    `DistributedGradientTape(..., has_data=has_next)` (or `Clipper.step(..., has_data=...)`):
+    at each window's last micro-batch (every step, without accumulation), whether this rank holds
+    the whole next window. Before the first batch the ranks agree (one small allreduce) that each
+    has a first window; after each step that voted, the loop stops on every rank if some rank has
+    nothing more.
 
     Example:
         >>> for (x, y), has_next in hvdclip.Lockstep(dataset, clipper):
         ...     loss, report = train_step(x, y, has_next)
     """
 
-    def __init__(self, batches: Iterable, clipper: Any, *, equal_lengths: bool = False) -> None:
+    def __init__(self, batches: Iterable, clipper: Any) -> None:
         if not isinstance(batches, (Iterable, Iterator)):
             raise TypeError(f"`batches` must be an iterable of batches, e.g. a tf.data.Dataset. Received: batches={batches!r}")
         from hvdclip.core.step import Clipper  # Not at import: the step module's users import this one.
@@ -121,7 +120,6 @@ class Lockstep:
             raise TypeError(f"`clipper` must be the hvdclip.Clipper that runs the steps. Received: clipper={clipper!r}")
         self._batches = batches
         self._clipper = clipper
-        self._equal = check_bool("equal_lengths", equal_lengths)
         self.steps = 0  # Steps yielded by the last iteration.
         self.ran_out = False  # The last iteration stopped because some rank had no more data.
         self.had_more = False  # This rank still had data when it stopped (another rank ran out first).
@@ -132,23 +130,24 @@ class Lockstep:
         window = 1 if acc is None else acc.steps
         # A restored state may be inside a window: this one's first window is the rest of that one.
         position = 0 if acc is None else int(acc.micro_step.numpy())
-        ahead = 1 if self._equal else window
-        pending = deque(itertools.islice(batches, 1 if self._equal else window - position))
+        pending = deque(itertools.islice(batches, window - position))
         self.steps, self.ran_out, self.had_more = 0, False, False
-        if not self._equal:
-            with default_watchdog().section("agreeing that every rank has a first window of batches"):
-                if not agree_min(len(pending) == window - position, "lockstep_first_window"):
-                    self.ran_out, self.had_more = True, len(pending) == window - position
-                    return  # Some rank cannot fill even the first window: no rank steps.
+        with default_watchdog().section("agreeing that every rank has a first window of batches"):
+            if not agree_min(len(pending) == window - position, "lockstep_first_window"):
+                self.ran_out, self.had_more = True, len(pending) == window - position
+                return  # Some rank cannot fill even the first window: no rank steps.
+        yes = tf.constant(True)
         while pending:
             batch = pending.popleft()
             closes_window = position == window - 1
             position = (position + 1) % window
-            if self._equal or closes_window:
-                pending.extend(itertools.islice(batches, ahead - len(pending)))
-            has_next = len(pending) >= (1 if self._equal or not closes_window else window)
+            if closes_window:
+                pending.extend(itertools.islice(batches, window))
+                has_next = len(pending) == window
+            else:
+                has_next = True  # Micro-steps do not vote: the vote was about this whole window.
             self.steps += 1
-            yield batch, tf.constant(has_next)
+            yield batch, (yes if has_next else tf.constant(False))
             if closes_window and not bool(self._clipper.all_have_data.numpy()):
                 self.ran_out, self.had_more = True, has_next
                 return

@@ -92,12 +92,6 @@ def _changed(before: Any, after: Any) -> tf.Tensor:
     )
 
 
-def _after(tensors: Any, ops: Sequence) -> Any:
-    """`tensors` (a nest with `None`s and `IndexedSlices`), computed only after `ops`."""
-    with tf.control_dependencies(list(ops)):
-        return tf.nest.map_structure(lambda t: None if t is None else tf.identity(t), tensors, expand_composites=True)
-
-
 def _checked_named_variables(name: str, value: Any) -> list[tuple[str, tf.Variable]]:
     pairs = list(value) if isinstance(value, (list, tuple)) else None
     if pairs is None or not all(
@@ -126,11 +120,13 @@ def reduce_and_clip(
     no clip) from `clip_state`. `Clipper.prepare` runs it, and so does the Horovod-signature tape
     of `hvdclip.tensorflow`, which applies with the user's own optimizer.
     """
-    if marker is not None:  # The watchdog sees this rank waiting in the allreduce.
-        grads = _after(grads, [marker.enter(step)])
-    reduced, raised = reduction(grads, variables, flags)
+    # The watchdog sees this rank waiting in the allreduce: the reduction's ops wait for the mark,
+    # and the mark is cleared once they are done.
+    entered = [marker.enter(step)] if marker is not None else []
+    with tf.control_dependencies(entered):
+        reduced, raised = reduction(grads, variables, flags)
     if marker is not None:
-        reduced, raised = marker.leave((reduced, raised), step)
+        marker.leave((reduced, raised), step)
     all_have_data = tf.logical_not(raised[0]) if raised else tf.constant(True)
     if inverse_scale is not None:  # Mixed precision: the clip must see the true gradient.
         reduced = [scale(g, inverse_scale) for g in reduced]
@@ -400,8 +396,9 @@ class Clipper:
 
         def window_step() -> dict[str, tf.Tensor]:
             report = self._guard_and_apply(prepared, grads, variables)
-            with tf.control_dependencies(tf.nest.flatten(report)):
-                return _after(report, [acc.reset()])
+            with tf.control_dependencies(tf.nest.flatten(report)):  # After the apply read the sums.
+                acc.reset()
+            return report
 
         return tf.cond(prepared.synced, window_step, lambda: self._report(prepared, tf.constant(False)))
 
@@ -421,7 +418,7 @@ class Clipper:
 
     def _micro_step(self, local_grads: list) -> Prepared:
         """An accumulation micro-step: this rank's gradient joins its sums; nothing to apply."""
-        added = self.accumulation.add(local_grads, hvd.rank())
+        self.accumulation.add(local_grads, hvd.rank())  # Stateful: the compiled step runs it.
         nan = tf.constant(float("nan"), tf.float32)
         zeros = [None if g is None else tf.zeros_like(tf.convert_to_tensor(g)) for g in local_grads]
         state = tf.nest.map_structure(tf.convert_to_tensor, self.clip_state)
@@ -429,7 +426,7 @@ class Clipper:
             zeros, state, tf.constant(True), tf.constant(False), tf.constant(True),
             {"grad_norm": nan, "clipped_grad_norm": nan, "clip_active": tf.constant(False)},
         )  # fmt: skip
-        return _after(prepared, [added])
+        return prepared
 
     def _guard_and_apply(self, prepared: Prepared, grads: list, variables: list) -> dict[str, tf.Tensor]:
         """Applies the step and stores the clip state, or skips it on every rank (NaN/Inf)."""
@@ -460,8 +457,8 @@ class Clipper:
             skipped = tf.cond(prepared.finite, apply, skip)
         else:
             skipped = apply()
-        voted = self.all_have_data.assign(prepared.all_have_data)
-        return _after(self._report(prepared, skipped), [voted])
+        self.all_have_data.assign(prepared.all_have_data)  # Stateful: the compiled step runs it.
+        return self._report(prepared, skipped)
 
     @staticmethod
     def _report(prepared: Prepared, skipped: tf.Tensor) -> dict[str, tf.Tensor]:

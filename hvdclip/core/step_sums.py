@@ -28,23 +28,32 @@ _OVER_APPLIED_STEPS = ("grad_norm", "clipped_grad_norm", "clip_active")
 _NOT_AVERAGED = ("synced", "all_have_data")
 
 
-def step_weights(metrics: Mapping[str, tf.Tensor]) -> dict[str, tuple[tf.Tensor, tf.Tensor]]:
-    """Each averaged metric of one step as (value, weight), float64 scalars: weight 1 if the step
-    counts in that metric's mean, else 0 (and the value 0, so that a NaN or Inf adds nothing)."""
+_RULES = {"applied": 0, "synced": 1, "call": 2}
+
+
+def _rule(name: str) -> int:
+    return _RULES["applied" if name in _OVER_APPLIED_STEPS else "synced" if name == "skipped" else "call"]
+
+
+def step_weights(metrics: Mapping[str, tf.Tensor]) -> tuple[list[str], tf.Tensor, tf.Tensor]:
+    """One step's averaged metrics: their names, and (values, weights) as float64 vectors.
+
+    A weight is 1 if the step counts in that metric's mean, else 0 (and the value 0, so that a NaN
+    or an Inf adds nothing). Vectors, not one small op chain per metric: in a compiled step every
+    op costs host time, which shows on small models.
+    """
+    names = [name for name in metrics if name not in _NOT_AVERAGED]
+    if not names:
+        return [], tf.zeros([0], tf.float64), tf.zeros([0], tf.float64)
+
     def flag(name: str, default: bool) -> tf.Tensor:
         return tf.cast(tf.reshape(metrics[name], []), tf.bool) if name in metrics else tf.constant(default)
 
     synced, skipped = flag("synced", True), flag("skipped", False)
-    rules = {"applied": synced & ~skipped, "synced": synced, "call": ~skipped}
-    out = {}
-    for name, value in metrics.items():
-        if name in _NOT_AVERAGED:
-            continue
-        rule = "applied" if name in _OVER_APPLIED_STEPS else "synced" if name == "skipped" else "call"
-        weight = tf.cast(rules[rule], tf.float64)
-        value = tf.cast(tf.reshape(value, []), tf.float64)
-        out[name] = (tf.where(weight > 0, value, tf.zeros_like(value)), weight)  # `where`: inf * 0 is NaN.
-    return out
+    rules = tf.cast(tf.stack([synced & ~skipped, synced, ~skipped]), tf.float64)
+    weights = tf.gather(rules, [_rule(name) for name in names])
+    values = tf.stack([tf.cast(tf.reshape(metrics[name], []), tf.float64) for name in names])
+    return names, tf.where(weights > 0, values, tf.zeros_like(values)), weights  # `where`: inf * 0 is NaN.
 
 
 class StepSums:
@@ -91,15 +100,13 @@ class StepSums:
 
     def add(self, metrics: Mapping[str, tf.Tensor]) -> None:
         """Adds one step's scalar metrics (bools count as 0 or 1); call it inside the compiled step."""
-        weighted = step_weights(metrics)
-        if not weighted:
+        names, values, weights = step_weights(metrics)
+        if not names:
             return
-        columns = [self._column(name) for name in weighted]
-        values = [value for value, _ in weighted.values()]
-        weights = [weight for _, weight in weighted.values()]
-        ones = [tf.constant(1.0, tf.float64)] * len(columns)
+        columns = [self._column(name) for name in names]
+        ones = tf.ones([len(columns)], tf.float64)
         indices = [[row, column] for row in range(3) for column in columns]
-        self._totals.scatter_nd_add(indices, tf.stack(values + weights + ones))
+        self._totals.scatter_nd_add(indices, tf.concat([values, weights, ones], axis=0))
 
     def reset(self) -> None:
         self._totals.assign(tf.zeros_like(self._totals))

@@ -95,7 +95,7 @@ class _Section:
 class CollectiveMarker:
     """Where a compiled step is: inside its gradient allreduce, or not; written by the step, read by the watchdog.
 
-    `enter(step)` and `leave(tensors)` are called while a step is traced: `enter` writes
+    `enter(step)` and `leave(tensors, step)` are called while a step is traced: `enter` writes
     `[entry number, step]` into a small int64 variable, `leave` writes `[0, step]` once `tensors`
     (the reduced gradients) exist. The watchdog's thread reads the variable; an entry that stays
     open longer than the bound ends the process. The first entry after the marker is made (or
@@ -121,13 +121,14 @@ class CollectiveMarker:
         return self._where.assign(tf.stack([entry, tf.cast(step, tf.int64)]))
 
     def leave(self, tensors: Any, step: Any) -> Any:
-        """`tensors`, returned only after the marker says the allreduce is done."""
+        """An op that marks the allreduce as done once `tensors` (its outputs) exist; call it while tracing.
+
+        A compiled function runs every stateful op it holds, so nothing needs to consume it.
+        """
         tf = self._tf
         done = [t for t in tf.nest.flatten(tensors, expand_composites=True) if t is not None]
         with tf.control_dependencies(done):
-            left = self._where.assign(tf.stack([tf.constant(0, tf.int64), tf.cast(step, tf.int64)]))
-        with tf.control_dependencies([left]):
-            return tf.nest.map_structure(lambda t: None if t is None else tf.identity(t), tensors)
+            return self._where.assign(tf.stack([tf.constant(0, tf.int64), tf.cast(step, tf.int64)]))
 
     def expect_compile(self) -> None:
         """The next entry may wait for peers that are compiling (an elastic job retraced its step)."""

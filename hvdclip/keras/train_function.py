@@ -10,14 +10,14 @@ and runs `train_step`. `compile` with hvdclip's `DistributedOptimizer` installs 
   sync), the one broadcast of rank 0's state. A model without an `Input`, which Keras builds only
   when it traces the first step, is first built from the first batch, so its variables exist to
   be sent. No step ever runs on weights that differ between ranks.
-* **every rank's epochs in step**, over `hvdclip.Lockstep`: at each epoch's start the ranks agree
-  on its length (one allgather of each rank's number of batches, which
-  `BroadcastGlobalVariablesCallback` reads from Keras; without it the length counts as unknown):
-  known and equal, every rank runs them; known but different, every rank runs the shortest
-  rank's (rank 0 warns with each rank's count); unknown on some rank, every rank runs until the
-  first step after which some rank has none left. Every step also carries this rank's "I have a
-  next batch" in its gradient allreduce (the vote), so a count that was wrong still ends every
-  rank's epoch together instead of hanging one;
+* **every rank's epochs in step**: at each epoch's start the ranks agree on its length (one
+  allgather of each rank's number of batches, which `BroadcastGlobalVariablesCallback` reads from
+  Keras; without it the length counts as unknown): known and equal, every rank runs them; known
+  but different, every rank runs the shortest rank's (rank 0 warns with each rank's count);
+  unknown on some rank, every rank runs over `hvdclip.Lockstep` until the first step after which
+  some rank has none left (each step carries this rank's "I have a next batch" in its gradient
+  allreduce: the vote). A known count is trusted, as Keras trusts `steps_per_epoch`: data that
+  ends before it ends one rank's epoch alone, and the watchdog ends the ranks left waiting;
 * when the epoch ends early on a rank, the function raises `StopIteration`, which is how Keras'
   own train function ends an epoch.
 
@@ -89,8 +89,10 @@ class TrainFunction:
             return logs
         if iterator is not self._iterator:  # A new pass over the data (Keras keeps one across epochs with steps_per_epoch).
             self._iterator = iterator
-            equal = self._length is not None and not self._length.watch
-            self._batches = iter(Lockstep(iterator, self.optimizer.clipper, equal_lengths=equal))
+            if self._length is not None and not self._length.watch:  # Agreed: every rank runs `steps`.
+                self._batches = ((data, None) for data in iterator)
+            else:
+                self._batches = iter(Lockstep(iterator, self.optimizer.clipper))
         logs = None
         cap = None if self._length is None else self._length.steps
         for _ in range(self.model.steps_per_execution):

@@ -284,7 +284,13 @@ class Engine:
         the watchdog's marker: a rank whose peer is lost ends within the step bound.
         """
         self.start(x)
-        metrics = self._compiled(x, y, sample_weight, has_data)
+        # The fewer arguments a compiled function is handed, the less its call costs on the host.
+        if has_data is not None:
+            metrics = self._compiled(x, y, sample_weight, has_data)
+        elif sample_weight is not None:
+            metrics = self._compiled(x, y, sample_weight)
+        else:
+            metrics = self._compiled(x, y)
         if self._abort_after_skips is not None and self.clipper.skip_nonfinite:
             consecutive = int(self.clipper.consecutive_skips.numpy())
             if consecutive >= self._abort_after_skips:

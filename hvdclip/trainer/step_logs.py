@@ -42,9 +42,10 @@ class RunningMeans:
 
     def add(self, logs: Mapping[str, object]) -> None:
         tensors = {name: value for name, value in logs.items() if isinstance(value, tf.Tensor)}
-        for name, (value, weight) in step_weights(tensors).items():
-            self._sums[name] = self._sums[name] + value if name in self._sums else value
-            self._weights[name] = self._weights[name] + weight if name in self._weights else weight
+        names, values, weights = step_weights(tensors)
+        for index, name in enumerate(names):
+            self._sums[name] = self._sums[name] + values[index] if name in self._sums else values[index]
+            self._weights[name] = self._weights[name] + weights[index] if name in self._weights else weights[index]
 
     def tensors(self) -> dict[str, tf.Tensor]:
         """Each metric's mean as a float64 tensor (NaN if no step of the window counted), with no host sync."""

@@ -386,7 +386,6 @@ DOORS = {
     hvdclip.Lockstep: ({"batches": BATCHES, "clipper": hvdclip.Clipper(keras.optimizers.SGD())}, table(
         ("batches", "type", 3, TypeError, r"`batches` must be an iterable of batches, e.g. a tf.data.Dataset\. Received: batches=3$"),
         ("clipper", "type", "c", TypeError, r"`clipper` must be the hvdclip.Clipper that runs the steps\. Received: clipper='c'$"),
-        ("equal_lengths", "type", 1, TypeError, r"`equal_lengths` must be True or False\. Received: equal_lengths=1$"),
     )),
     hvdclip.keras.callbacks.BroadcastGlobalVariablesCallback: ({}, table(
         ("root_rank", "type", "0", TypeError, r"`root_rank` must be an integer >= 0\. Received: root_rank='0'$"),
