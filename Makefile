@@ -48,7 +48,8 @@ bench-colocated: install
 	timeout 3600 $(PY) -m benchmarks.colocated
 
 # Every door and the clip stage against the hand-written loop on every model, all loops of a model in
-# one 2-rank job with alternating windows (about 6 minutes); writes benchmarks/results/doors.json and .md.
+# one 2-rank job with alternating windows (about 7 minutes), door 1 also with groups=0 and with the
+# has-data vote; writes benchmarks/results/doors.json and .md.
 bench-doors: install
 	timeout 3600 $(PY) -m benchmarks.doors
 

@@ -7,7 +7,9 @@ loops differ only in what the comparison is about:
 * `HvdClipLoop`: `HvdClipTrainer.fit`, the public path (allreduce -> clip -> apply, plus the
   per-step metrics and counters that `fit` keeps).
 * `OwnLoopDoor`: a user's own `tf.function` step with `hvdclip.DistributedGradientTape`; with
-  `groups=0`, one allreduce per gradient left to Horovod's fusion buffer instead of one group.
+  `groups=0`, one allreduce per gradient left to Horovod's fusion buffer instead of one group;
+  with `vote=True`, every step passes `has_data` (as `hvdclip.Lockstep` does for data of unknown
+  length), so the has-data vote rides the gradient allreduce.
 * `KerasFitDoor`: `model.compile(hvdclip.keras.DistributedOptimizer(...))` and Keras' `fit`.
 * `HandWrittenLoop`: the minimal correct Horovod loop a user could write instead.
 * `SeedLoop`: the forum answer's pattern, each tensor clipped by its own norm and every variable
@@ -62,8 +64,9 @@ class HvdClipLoop:
 class OwnLoopDoor:
     """Door 1 as a user writes it: their step, `hvdclip.DistributedGradientTape`, `tape.apply_gradients`."""
 
-    def __init__(self, spec: ModelSpec, batch_size: int, seed: int, groups: int = 1):
+    def __init__(self, spec: ModelSpec, batch_size: int, seed: int, groups: int = 1, vote: bool = False):
         self.model = spec.build()
+        self.vote = vote
         self.clipper = hvdclip.Clipper(
             keras.optimizers.Adam(LEARNING_RATE), hvdclip.clip_by_global_norm(CLIP_NORM), reduction=hvdclip.Reduction(groups=groups)
         )
@@ -72,10 +75,10 @@ class OwnLoopDoor:
         self.step = tf.function(self._step)
         self.started = False
 
-    def _step(self, x, y) -> tf.Tensor:
+    def _step(self, x, y, has_data=None) -> tf.Tensor:
         with tf.GradientTape() as tape:
             loss = self.loss_fn(y, self.model(x, training=True))
-        tape = hvdclip.DistributedGradientTape(tape, self.clipper)
+        tape = hvdclip.DistributedGradientTape(tape, self.clipper, has_data=has_data)
         grads = tape.gradient(loss, self.model.trainable_variables)
         tape.apply_gradients(zip(grads, self.model.trainable_variables))
         return loss
@@ -85,8 +88,9 @@ class OwnLoopDoor:
             self.clipper.broadcast_initial_state(self.model)
             self.started = True
         loss = None
+        more = tf.constant(True)  # a tensor, not a Python bool: the vote is computed, never folded away
         for x, y in self.dataset.take(steps):
-            loss = self.step(x, y)
+            loss = self.step(x, y, more) if self.vote else self.step(x, y)
         float(loss)  # wait for the last step
 
 

@@ -24,7 +24,7 @@ import time
 
 _STARTED = time.time()  # before TensorFlow is imported: start-up cost counts from here
 
-LOOPS = ("hvdclip", "hvdclip_noclip", "hvdclip_fp16", "own_loop", "own_loop_pertensor", "keras_fit", "handwritten", "seed", "mwms")
+LOOPS = ("hvdclip", "hvdclip_noclip", "hvdclip_fp16", "own_loop", "own_loop_pertensor", "own_loop_vote", "keras_fit", "handwritten", "seed", "mwms")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -93,8 +93,8 @@ def make_loop(name: str, spec, batch_size: int, seed: int, strategy):
     if name in ("hvdclip", "hvdclip_noclip", "hvdclip_fp16"):
         compression = "fp16" if name == "hvdclip_fp16" else None
         return loops.HvdClipLoop(spec, batch_size, seed, clip=name != "hvdclip_noclip", compression=compression)
-    if name in ("own_loop", "own_loop_pertensor"):
-        return loops.OwnLoopDoor(spec, batch_size, seed, groups=0 if name == "own_loop_pertensor" else 1)
+    if name in ("own_loop", "own_loop_pertensor", "own_loop_vote"):
+        return loops.OwnLoopDoor(spec, batch_size, seed, groups=0 if name == "own_loop_pertensor" else 1, vote=name == "own_loop_vote")
     if name == "keras_fit":
         return loops.KerasFitDoor(spec, batch_size, seed)
     if name == "handwritten":

@@ -89,11 +89,12 @@ def test_a_door_is_judged_against_the_hand_written_loop_not_the_baseline():
         lambda spec: loops.HvdClipLoop(spec, batch_size=4, seed=0, clip=True),
         lambda spec: loops.OwnLoopDoor(spec, batch_size=4, seed=0),
         lambda spec: loops.OwnLoopDoor(spec, batch_size=4, seed=0, groups=0),
+        lambda spec: loops.OwnLoopDoor(spec, batch_size=4, seed=0, vote=True),
         lambda spec: loops.KerasFitDoor(spec, batch_size=4, seed=0),
         lambda spec: loops.HandWrittenLoop(spec, batch_size=4, seed=0),
         lambda spec: loops.SeedLoop(spec, batch_size=4, seed=0),
     ],
-    ids=["hvdclip", "own_loop", "own_loop_pertensor", "keras_fit", "handwritten", "seed"],
+    ids=["hvdclip", "own_loop", "own_loop_pertensor", "own_loop_vote", "keras_fit", "handwritten", "seed"],
 )
 def test_each_horovod_loop_trains_every_model(make_loop):
     for spec in MODELS.values():
