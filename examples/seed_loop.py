@@ -40,11 +40,11 @@ clipper.broadcast_initial_state(model)  # was: hvd.broadcast_variables(model.var
 
 
 @tf.function
-def distributed_train_step(x, y):
+def distributed_train_step(x, y, has_next):
     with tf.GradientTape() as tape:
         y_pred = model(x, training=True)
         loss = loss_fn(y, y_pred)
-    tape = hvdclip.DistributedGradientTape(tape, clipper)  # was: no reduction at all
+    tape = hvdclip.DistributedGradientTape(tape, clipper, has_data=has_next)  # was: no reduction at all
     gradients = tape.gradient(loss, model.trainable_variables)  # averaged over ranks, then clipped
     report = tape.apply_gradients(zip(gradients, model.trainable_variables))  # was: optimizer.apply_gradients
     return loss, report  # grad_norm, clip_active, skipped, ...
@@ -58,8 +58,8 @@ dataset = tf.data.Dataset.from_tensor_slices((x[shard], y[shard])).batch(32, dro
 
 clipped = steps = 0
 for epoch in range(3):
-    for xb, yb in dataset:
-        loss, metrics = distributed_train_step(xb, yb)
+    for (xb, yb), has_next in hvdclip.Lockstep(dataset, clipper):  # every rank stops at the same step
+        loss, metrics = distributed_train_step(xb, yb, has_next)
         clipped += int(metrics["clip_active"])
         steps += 1
     if rank == 0:

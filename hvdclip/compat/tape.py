@@ -47,8 +47,10 @@ def _shared_marker() -> Any:
 class DistributedGradientTape:
     """Wraps a `tf.GradientTape` so that `gradient` returns the gradient averaged over ranks, then clipped.
 
-    Horovod's arguments, with Horovod's defaults (`groups=None`: one allreduce per gradient,
-    batched by Horovod's fusion buffer), and hvdclip's `clip=`: a stateless `GradientTransform`
+    Horovod's arguments, with Horovod's defaults (`groups=None` with `num_groups=0`: one allreduce
+    per gradient, batched by Horovod's fusion buffer, where Horovod reduces on GPUs with NCCL, and
+    one grouped allreduce on CPU, which is faster there; `groups=0` for one per gradient
+    everywhere), and hvdclip's `clip=`: a stateless `GradientTransform`
     such as `hvdclip.clip_by_global_norm(1.0)`, run on the reduced gradient.
 
     After `gradient`, `report` holds that step's `grad_norm`, `clipped_grad_norm` and
@@ -84,7 +86,7 @@ class DistributedGradientTape:
         self._reduction = Reduction(
             device_dense=device_dense, device_sparse=device_sparse, compression=compression,
             sparse_as_dense=sparse_as_dense, op=op, gradient_predivide_factor=gradient_predivide_factor,
-            groups=groups if groups is not None else num_groups,
+            groups=groups if groups is not None else (num_groups or None),  # Horovod's defaults: hvdclip's for the device.
             process_set=None if process_set is hvd.global_process_set else process_set,
         )  # fmt: skip
         self._clip = check_transform("clip", clip, optional=True)

@@ -73,9 +73,12 @@ class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
             gradient to its sums without communicating, the k-th reduces and applies the window.
         average_aggregated_gradients: divide the window's sum by `backward_passes_per_step`
             (default False, Horovod's: the window's gradients are summed).
-        num_groups: Horovod's older name for an int `groups`.
-        groups: None (default: one allreduce per gradient, batched by Horovod's fusion buffer),
-            an int > 0 (that many grouped allreduces), or a list of lists of variables.
+        num_groups: Horovod's older name for an int `groups` (0, the default, leaves it to `groups`).
+        groups: None (default, with `num_groups=0`): one allreduce per gradient, batched by
+            Horovod's fusion buffer, where Horovod reduces on GPUs with NCCL (Horovod's behaviour),
+            and one grouped allreduce on CPU, which is faster there (docs/performance.md); 0 for one
+            allreduce per gradient everywhere, an int > 0 for that many grouped allreduces, or a
+            list of lists of variables.
         process_set: the Horovod process set to reduce over (default: every rank).
         scale_local_gradients: accepted for Horovod's signature; it only acts on variables given
             to Horovod's `register_local_var`, which hvdclip does not support (docs/horovod.md).
@@ -139,7 +142,7 @@ class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
             reduction = Reduction(
                 device_dense=device_dense, device_sparse=device_sparse, compression=compression,
                 sparse_as_dense=sparse_as_dense, gradient_predivide_factor=gradient_predivide_factor, op=op,
-                groups=groups if groups is not None else num_groups,
+                groups=groups if groups is not None else (num_groups or None),  # Horovod's defaults: hvdclip's for the device.
                 process_set=None if process_set is hvd.global_process_set else process_set,
             )  # fmt: skip
             if reduction.op not in _HOROVOD_OPS:

@@ -13,8 +13,9 @@ and runs `train_step`. `compile` with hvdclip's `DistributedOptimizer` installs 
 * **every rank's epochs in step**: at each epoch's start the ranks agree on its length (one
   allgather of each rank's number of batches, which `BroadcastGlobalVariablesCallback` reads from
   Keras; without it the length counts as unknown): known and equal, every rank runs them; known
-  but different, every rank runs the shortest rank's (rank 0 warns with each rank's count);
-  unknown on some rank, every rank runs over `hvdclip.Lockstep` until the first step after which
+  but different, every rank runs the shortest rank's (rank 0 warns with each rank's count),
+  each step after the first taking its batch inside the compiled function, as Keras' own train
+  function does; unknown on some rank, every rank runs over `hvdclip.Lockstep` until the first step after which
   some rank has none left (each step carries this rank's "I have a next batch" in its gradient
   allreduce: the vote). A known count is trusted, as Keras trusts `steps_per_epoch`: data that
   ends before it ends one rank's epoch alone, and the watchdog ends the ranks left waiting;
@@ -49,6 +50,9 @@ class TrainFunction:
         self.model = model
         self.optimizer = model.optimizer
         self._compiled = tf.function(self._one_step, reduce_retracing=True)
+        # An agreed epoch's steps take their batch inside the compiled step, as Keras' own train
+        # function does: no eager fetch and no hand-over of the batch's tensors per step.
+        self._compiled_next = tf.function(self._next_step)
         self._iterator: Any = None
         self._batches: Iterator | None = None
         self._length: EpochLength | None = None  # This epoch's, once agreed; None: unknown.
@@ -58,6 +62,9 @@ class TrainFunction:
     def _one_step(self, data: Any, has_data: Any) -> Any:
         with self.optimizer.voting(has_data):
             return self.model.train_step(data)
+
+    def _next_step(self, iterator: Any) -> Any:
+        return self._one_step(next(iterator), None)
 
     def begin_epoch(self, batches: int | None) -> None:
         """The ranks agree on this epoch's length from each one's number of `batches` (None: unknown)."""
@@ -87,21 +94,30 @@ class TrainFunction:
             for _, data in zip(range(self.model.steps_per_execution), iterator):
                 logs = self._step(data, None)
             return logs
+        agreed = self._length is not None and not self._length.watch  # Every rank runs `steps`.
         if iterator is not self._iterator:  # A new pass over the data (Keras keeps one across epochs with steps_per_epoch).
             self._iterator = iterator
-            if self._length is not None and not self._length.watch:  # Agreed: every rank runs `steps`.
-                self._batches = ((data, None) for data in iterator)
-            else:
-                self._batches = iter(Lockstep(iterator, self.optimizer.clipper))
+            self._batches = None if agreed else iter(Lockstep(iterator, self.optimizer.clipper))
         logs = None
         cap = None if self._length is None else self._length.steps
         for _ in range(self.model.steps_per_execution):
             if cap is not None and self._done >= cap:
                 break
-            item = next(self._batches, None)
-            if item is None:
-                break
-            logs = self._step(*item)
+            if self._batches is not None:
+                item = next(self._batches, None)
+                if item is None:
+                    break
+                logs = self._step(*item)
+            elif not self.optimizer.built or not self.optimizer.state_broadcast:
+                data = next(iterator, None)  # The first step: the start-up needs a batch in hand.
+                if data is None:
+                    break
+                logs = self._step(data, None)
+            else:
+                try:
+                    logs = self._compiled_next(iterator)
+                except (StopIteration, tf.errors.OutOfRangeError):  # A trusted count longer than the data.
+                    break
             self._done += 1
         if logs is None:
             self._iterator = None  # Keras starts the next epoch with a new iterator.

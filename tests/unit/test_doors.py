@@ -272,3 +272,24 @@ def test_the_fit_doors_epoch_metrics_leave_skipped_steps_out():
     )
     assert history.history["skipped"] == [1.0]
     assert np.isfinite(history.history["grad_norm"][0]) and np.isfinite(history.history["clipped_grad_norm"][0])
+
+
+def test_the_fit_door_ends_an_epoch_whose_trusted_count_is_longer_than_its_data():
+    """A `steps_per_epoch` beyond the data (Keras trusts it, and so does the door once the ranks agree
+    on it) ends the epoch where the data does, as Keras' own train function does, with the same
+    weights as the steps the data held; later steps take their batch inside the compiled step."""
+    batches = len(X) // BATCH
+    dataset = tf.data.Dataset.from_tensor_slices((X, Y)).batch(BATCH)
+
+    def fitted(**fit_kwargs):
+        model = make_mlp(seed=2)
+        model.compile(optimizer=hvdclip.keras.DistributedOptimizer(keras.optimizers.Adam(1e-2), clip=hvdclip.clip_by_global_norm(0.5)),
+                      loss="mse", jit_compile=False)  # fmt: skip
+        model.fit(dataset, verbose=0, callbacks=[hvdclip.keras.callbacks.BroadcastGlobalVariablesCallback(0)], **fit_kwargs)
+        return model
+
+    long = fitted(steps_per_epoch=batches + 3)
+    exact = fitted()
+    assert int(long.optimizer.iterations.numpy()) == int(exact.optimizer.iterations.numpy()) == batches
+    assert checksum(long.variables).tolist() == checksum(exact.variables).tolist()
+    assert checksum(exact.variables).tolist() == trainer_weights(keras.optimizers.Adam(1e-2), hvdclip.clip_by_global_norm(0.5))
