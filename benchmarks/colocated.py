@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import results_doc
 from benchmarks.profile import BIN, MODEL, RESULTS, job_env, worker_argv
 from benchmarks.runner import BenchmarkError, run_processes
 
@@ -189,9 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": MODEL,
     }
     document = {"context": context, "rows": rows, "samples": samples}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(document, indent=1) + "\n")
-    (args.out / f"{args.name}.md").write_text(to_markdown(rows, context))
+    results_doc.write(args.out, args.name, document, to_markdown(rows, context))
     print(to_markdown(rows, context))
     return 0
 

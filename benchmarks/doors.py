@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import results_doc
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 LOOPS = ("hvdclip", "hvdclip_noclip", "own_loop", "own_loop_pertensor", "own_loop_vote", "keras_fit", "handwritten")
@@ -180,9 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "windows": f"{args.rounds} per loop of {args.steps} steps, after {args.warmup} warm-up steps",
     }
     document = {"context": context, "results": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(document, indent=1) + "\n")
-    (args.out / f"{args.name}.md").write_text(to_markdown(results, context))
+    results_doc.write(args.out, args.name, document, to_markdown(results, context))
     print(to_markdown(results, context))
     return 0
 

@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks import results_doc
+
 __all__ = [
     "BUCKETS",
     "Config",
@@ -480,9 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load average (1/5/15 min) before / after": f"{before} / " + " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
     document = {"context": context, "model": args.model, "results": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(document, indent=1) + "\n")
-    (args.out / f"{args.name}.md").write_text(to_markdown(document))
+    results_doc.write(args.out, args.name, document, to_markdown(document))
     print(to_markdown(document))
     return 0
 

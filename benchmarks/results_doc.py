@@ -8,17 +8,30 @@ missing says which target writes it.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
 
-__all__ = ["render"]
+__all__ = ["render", "write"]
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "performance.md"
 RESULTS = REPO / "benchmarks" / "results"
-TARGETS = {"colocated": "make bench-colocated", "profile": "make profile", "doors": "make bench-doors"}
+TARGETS = {
+    "colocated": "make bench-colocated",
+    "profile": "make profile",
+    "doors": "make bench-doors",
+    "doors_door1": "python -m benchmarks.doors --loops own_loop,own_loop_pertensor,own_loop_vote,handwritten --name doors_door1",
+}
 _BLOCK = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
+
+
+def write(out: Path, name: str, document: dict, markdown: str) -> None:
+    """A benchmark's results: `out/name.json` (the document) and `out/name.md` (its tables)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(document, indent=1) + "\n")
+    (out / f"{name}.md").write_text(markdown)
 
 
 def _demote(markdown: str) -> str:

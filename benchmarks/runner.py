@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks import results_doc
 from benchmarks.models import MODELS
 from benchmarks.report import summarize, to_markdown
 from benchmarks.variants import BASELINE, DEFAULT_STEPS, VARIANTS, Variant
@@ -254,9 +255,7 @@ def run(settings: BenchSettings, *, command: str = "python -m benchmarks", log=s
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
     }
     document = {"context": context, "settings": _settings_json(settings), **summary, "jobs": results}
-    settings.out_dir.mkdir(parents=True, exist_ok=True)
-    (settings.out_dir / f"{settings.name}.json").write_text(json.dumps(document, indent=1) + "\n")
-    (settings.out_dir / f"{settings.name}.md").write_text(to_markdown(summary, context))
+    results_doc.write(settings.out_dir, settings.name, document, to_markdown(summary, context))
     return document
 
 
