@@ -31,6 +31,7 @@ from hvdclip.distributed.reduction import Reduction
 from hvdclip.distributed.watchdog import default_watchdog
 from hvdclip.errors import HvdClipError
 from hvdclip.transforms.base import GradientTransform, check_transform
+from hvdclip.validation import check_bool
 
 __all__ = ["DistributedGradientTape"]
 
@@ -76,8 +77,7 @@ class DistributedGradientTape:
     ) -> None:
         if not isinstance(gradtape, tf.GradientTape):
             raise TypeError(f"`gradtape` must be a tf.GradientTape. Received: gradtape={gradtape!r}")
-        if not isinstance(scale_local_gradients, bool):
-            raise TypeError(f"`scale_local_gradients` must be True or False. Received: scale_local_gradients={scale_local_gradients!r}")
+        check_bool("scale_local_gradients", scale_local_gradients)
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
             raise (ValueError if isinstance(num_groups, int) and not isinstance(num_groups, bool) else TypeError)(
                 f"`num_groups` must be an integer >= 0. Received: num_groups={num_groups!r}"

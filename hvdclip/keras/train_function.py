@@ -82,8 +82,13 @@ class TrainFunction:
         if not self.optimizer.state_broadcast and not launched_elastically():
             broadcast_initial_state(self.model)
 
+    @property
+    def _started(self) -> bool:
+        """The start-up (checks, the broadcast) is done: no step needs a batch in hand for it."""
+        return self.optimizer.built and self.optimizer.state_broadcast
+
     def _step(self, data: Any, has_data: Any) -> Any:
-        if not self.optimizer.built or not self.optimizer.state_broadcast:
+        if not self._started:
             self._start(data)
         return self._compiled(data, has_data)
 
@@ -94,9 +99,9 @@ class TrainFunction:
             for _, data in zip(range(self.model.steps_per_execution), iterator):
                 logs = self._step(data, None)
             return logs
-        agreed = self._length is not None and not self._length.watch  # Every rank runs `steps`.
         if iterator is not self._iterator:  # A new pass over the data (Keras keeps one across epochs with steps_per_epoch).
             self._iterator = iterator
+            agreed = self._length is not None and not self._length.watch  # Every rank runs `steps`.
             self._batches = None if agreed else iter(Lockstep(iterator, self.optimizer.clipper))
         logs = None
         cap = None if self._length is None else self._length.steps
@@ -108,7 +113,7 @@ class TrainFunction:
                 if item is None:
                     break
                 logs = self._step(*item)
-            elif not self.optimizer.built or not self.optimizer.state_broadcast:
+            elif not self._started:
                 data = next(iterator, None)  # The first step: the start-up needs a batch in hand.
                 if data is None:
                     break
